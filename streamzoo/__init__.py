@@ -1,0 +1,12 @@
+"""streamzoo: a JAX/Flax zoo of streaming models with one offline == streaming contract."""
+
+from streamzoo.core import (NoCarry, Repeat, Residual, Seq, Serial, StreamLayer, StreamSpec,
+                            Streamer, carry_nbytes, chunked, multistep, pure, reset_rows, stream,
+                            unchunked)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoCarry", "Repeat", "Residual", "Seq", "Serial", "StreamLayer", "StreamSpec", "Streamer",
+    "carry_nbytes", "chunked", "multistep", "pure", "reset_rows", "stream", "unchunked",
+]

@@ -1,0 +1,123 @@
+"""Drivers around the Streamer protocol: scanned multi-chunk steps, a Python streaming loop,
+row resets, carry sizes and a plain-pytree view of a model."""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Sequence as PySequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from streamzoo.core.seq import Seq
+
+
+def multistep(model, carry, xs: Seq):
+    """`lax.scan` of `model.step` over a leading chunk axis: xs is `[K, B, T, ...]`.
+
+    One dispatch for K chunks; returns `(carry, ys)` with ys `[K, B, T_out, ...]`.
+    """
+    if not isinstance(xs, Seq) or xs.values.ndim < 3 or xs.mask.ndim != 3:
+        shape = getattr(getattr(xs, "values", None), "shape", None)
+        raise ValueError(f"xs: expected a Seq with a leading chunk axis [K, B, T, ...], got {shape}")
+    return jax.lax.scan(model.step, carry, xs)
+
+
+def chunked(x: Seq, chunk_size: int) -> Seq:
+    """`[B, T, ...]` -> `[T // chunk_size, B, chunk_size, ...]` for `multistep`."""
+    if x.length % chunk_size:
+        raise ValueError(f"chunk_size: T={x.length} is not a multiple of chunk_size={chunk_size}")
+    k = x.length // chunk_size
+
+    def split(a):
+        a = a.reshape(a.shape[0], k, chunk_size, *a.shape[2:])
+        return jnp.moveaxis(a, 1, 0)
+
+    return Seq(split(x.values), split(x.mask), compact=False)
+
+
+def unchunked(ys: Seq) -> Seq:
+    """Inverse of `chunked`: `[K, B, T, ...]` -> `[B, K * T, ...]`."""
+
+    def merge(a):
+        a = jnp.moveaxis(a, 0, 1)
+        return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
+
+    return Seq(merge(ys.values), merge(ys.mask), compact=False)
+
+
+@jax.jit
+def _jit_step(model, carry, x):
+    return model.step(carry, x)
+
+
+@jax.jit
+def _jit_flush(model, carry):
+    return model.flush(carry)
+
+
+def _split_sizes(length: int, chunk_sizes, block_size: int) -> list[int]:
+    if isinstance(chunk_sizes, int):
+        if chunk_sizes < 1:
+            raise ValueError(f"chunk_sizes: expected a positive int, got {chunk_sizes}")
+        sizes = [chunk_sizes] * (length // chunk_sizes)
+        if length % chunk_sizes:
+            sizes.append(length % chunk_sizes)
+    else:
+        sizes = [int(s) for s in chunk_sizes]
+        if sum(sizes) != length:
+            raise ValueError(f"chunk_sizes: expected sizes summing to T={length}, got sum {sum(sizes)}")
+    for s in sizes:
+        if s < 1:
+            raise ValueError(f"chunk_sizes: expected positive sizes, got {sizes}")
+    return sizes
+
+
+def stream(model, x: Seq, chunk_sizes, *, carry=None, jit: bool = True, with_flush: bool = True):
+    """Feed `x` to `model.step` chunk by chunk (a Python loop, for demos and tests).
+
+    `chunk_sizes`: an int (the last chunk may be shorter) or a list summing to T. A chunk that
+    is not a multiple of `model.spec.block_size` is padded with invalid frames, which are
+    skipped. Returns `(carry, y)` where y holds each row's valid outputs first (compacted),
+    including what `flush` emits at the end when `with_flush`.
+    """
+    sizes = _split_sizes(x.length, chunk_sizes, model.spec.block_size)
+    step = _jit_step if jit else (lambda m, c, xx: m.step(c, xx))
+    flush = _jit_flush if jit else (lambda m, c: m.flush(c))
+    if carry is None:
+        carry = model.init_carry(x.batch_size)
+    outs, start = [], 0
+    for size in sizes:
+        chunk = x.time_slice(start, start + size).pad_to_multiple(model.spec.block_size)
+        carry, y = step(model, carry, chunk)
+        outs.append(y)
+        start += size
+    if with_flush:
+        carry, tail = flush(model, carry)
+        outs.append(tail)
+    return carry, Seq.concatenate(outs).compacted()
+
+
+def reset_rows(model, carry, rows):
+    """Re-initialise the carry rows where `rows [B]` is True (slot reuse)."""
+    return model.reset_rows(carry, rows)
+
+
+def carry_nbytes(carry) -> int:
+    """Bytes held by a carry (works on arrays and on `jax.eval_shape` results)."""
+    return int(sum(jnp.dtype(a.dtype).itemsize * int(jnp.size(a)) if hasattr(a, "dtype") else 0
+                   for a in jax.tree_util.tree_leaves(carry)))
+
+
+def pure(model):
+    """`(graphdef, params, step_fn)` with `step_fn(params, carry, x) -> (carry, y)` pure.
+
+    For users who keep parameters as a plain pytree (optax, orbax, sharding rules).
+    """
+    graphdef, params = nnx.split(model)
+
+    def step_fn(params, carry, x):
+        return nnx.merge(graphdef, params).step(carry, x)
+
+    return graphdef, params, step_fn

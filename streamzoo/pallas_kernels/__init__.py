@@ -1,0 +1,1 @@
+"""streamzoo.pallas_kernels"""
