@@ -181,11 +181,10 @@ class RepeatCarry:
 
     @property
     def batch_size(self):
-        inner = getattr(self.layers, "batch_size", None)
-        if isinstance(inner, int):
-            return inner
         leaves = jax.tree_util.tree_leaves(self.layers)
-        return leaves[0].shape[1] if leaves else None
+        if leaves:  # stacked leaves are [L, B, ...]
+            return leaves[0].shape[1]
+        return batch_size_of(self.layers)  # leaf-less carries know their batch size statically
 
 
 class Repeat(StreamLayer):

@@ -3,9 +3,7 @@ row resets, carry sizes and a plain-pytree view of a model."""
 
 from __future__ import annotations
 
-import functools
-from typing import Iterable, Sequence as PySequence
-
+import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -106,7 +104,7 @@ def reset_rows(model, carry, rows):
 
 def carry_nbytes(carry) -> int:
     """Bytes held by a carry (works on arrays and on `jax.eval_shape` results)."""
-    return int(sum(jnp.dtype(a.dtype).itemsize * int(jnp.size(a)) if hasattr(a, "dtype") else 0
+    return int(sum(jnp.dtype(a.dtype).itemsize * math.prod(a.shape)
                    for a in jax.tree_util.tree_leaves(carry)))
 
 

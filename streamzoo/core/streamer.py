@@ -88,7 +88,7 @@ class StreamLayer(nnx.Module):
     Subclasses set `in_features` / `out_features` (per-frame feature sizes; ints or shape
     tuples) and implement `spec`, `_init_carry`, `_forward` and `_step`. Set
     `frame_wise = True` for layers that act on each frame alone (norms, feed-forwards):
-    they skip compaction and keep the input's mask as it is.
+    they skip compaction (invalid frames are only zeroed) and keep the input's mask.
     """
 
     frame_wise: bool = False
@@ -120,7 +120,7 @@ class StreamLayer(nnx.Module):
     def __call__(self, x: Seq) -> Seq:
         """Offline: the whole sequence at once (the training path)."""
         self.check_input(x, "x")
-        return self._forward(x if self.frame_wise else x.compacted())
+        return self._forward(x.masked() if self.frame_wise else x.compacted())
 
     def step(self, carry: Carry, x: Seq) -> tuple[Carry, Seq]:
         """Streaming: one chunk whose length is a multiple of `spec.block_size`."""
@@ -131,7 +131,7 @@ class StreamLayer(nnx.Module):
                 f"x: step input length must be a multiple of block_size={block}, "
                 f"got T={x.length}")
         self.check_carry(carry, x.batch_size)
-        return self._step(carry, x if self.frame_wise else x.compacted())
+        return self._step(carry, x.masked() if self.frame_wise else x.compacted())
 
     def flush(self, carry: Carry) -> tuple[Carry, Seq]:
         """End of stream: emit what look-ahead still holds (nothing, by default)."""
@@ -195,10 +195,10 @@ class StreamLayer(nnx.Module):
                 f"got {tuple(x.mask.shape)}")
         if x.mask.dtype != jnp.bool_:
             raise ValueError(f"{name}.mask: expected dtype bool, got {x.mask.dtype}")
-        if not jnp.issubdtype(x.values.dtype, self.input_kind()):
+        kind = self.input_kind()
+        if not jnp.issubdtype(x.values.dtype, kind):
             raise ValueError(
-                f"{name}: expected {jnp.dtype(self.input_kind()).name}-kind values, "
-                f"got dtype {x.values.dtype}")
+                f"{name}: expected {kind.__name__}-kind values, got dtype {x.values.dtype}")
 
     def input_kind(self):
         """The dtype kind the input values must have (floating unless overridden)."""

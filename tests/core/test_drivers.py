@@ -1,0 +1,70 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import streamzoo as sz
+from streamzoo import Seq
+from tests import toy_layers as toy
+
+D = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sz.Serial(toy.DepthwiseCausalConv(D, rngs=nnx.Rngs(0)), toy.NextFrameMix(D, rngs=nnx.Rngs(1)))
+
+
+@pytest.fixture(scope="module")
+def x():
+    return Seq.from_lengths(jax.random.normal(jax.random.key(5), (2, 12, D)), jnp.array([12, 8]))
+
+
+def test_multistep_equals_python_loop(model, x):
+    carry, ys = jax.jit(sz.multistep)(model, model.init_carry(2), sz.chunked(x, 4))
+    assert ys.values.shape == (3, 2, 4, D)
+    carry_loop, y_loop = sz.stream(model, x, 4, with_flush=False)
+    for a, b in zip(sz.unchunked(ys).compacted().rows(), y_loop.rows()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(carry_loop)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_stream_with_uneven_sizes_matches_offline(model, x):
+    _, y = sz.stream(model, x, [5, 1, 6])
+    for a, b in zip(y.rows(), model(x).rows()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_reset_rows_and_carry_nbytes(model):
+    carry = model.init_carry(2)
+    assert sz.carry_nbytes(carry) == 2 * 2 * D * 4 + 2 * D * 4 + 2 * 4
+    assert sz.carry_nbytes(jax.eval_shape(lambda: model.init_carry(2))) == sz.carry_nbytes(carry)
+    reset = sz.reset_rows(model, carry, jnp.array([True, False]))
+    assert jax.tree.map(jnp.shape, reset) == jax.tree.map(jnp.shape, carry)
+
+
+def test_pure_gives_a_plain_pytree_step(model, x):
+    graphdef, params, step_fn = sz.pure(model)
+    carry, y = jax.jit(step_fn)(params, model.init_carry(2), x)
+    carry2, y2 = model.step(model.init_carry(2), x)
+    np.testing.assert_allclose(y.values, y2.values, atol=1e-6)
+
+
+def test_lax_scan_over_model_step(model, x):
+    carry, ys = jax.lax.scan(model.step, model.init_carry(2), sz.chunked(x, 3))
+    assert ys.values.shape == (4, 2, 3, D)
+
+
+@pytest.mark.parametrize("sizes,match", [([5, 5], "sum 10"), (0, "positive int"), ([12, 0], "positive")])
+def test_bad_chunk_sizes(model, x, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        sz.stream(model, x, sizes)
+
+
+def test_bad_multistep_input(model, x):
+    with pytest.raises(ValueError, match="xs: expected a Seq with a leading chunk axis"):
+        sz.multistep(model, model.init_carry(2), x.values)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sz.chunked(x, 5)
