@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -110,8 +111,7 @@ class Residual(StreamLayer):
     def spec(self):
         s = self.inner.spec
         past, future = s.receptive_field
-        return StreamSpec(s.block_size, s.output_ratio, s.input_latency, s.output_latency,
-                          (min(past, 0.0), max(future, 0.0)))
+        return dataclasses.replace(s, receptive_field=(min(past, 0.0), max(future, 0.0)))
 
     def input_kind(self):
         return self.inner.input_kind()

@@ -7,13 +7,15 @@ Conventions (all in frames):
   After n valid input frames a layer has produced `floor(n * output_ratio) - output_latency`
   valid output frames (never fewer than 0).
 * `input_latency`: input frames of look-ahead: output frame j is final once input frame
-  `anchor(j) + input_latency` has arrived.
+  `ceil(anchor(j)) + input_latency` has arrived.
 * `output_latency`: output frames held back by that look-ahead; `flush` emits them.
 * `receptive_field = (past, future)`: output frame j depends only on input frames i with
   `past <= i - anchor(j) <= future`, where `anchor(j) = (j + 1) / output_ratio - 1` is the
   last input frame of output j's block. `past` may be `-inf` (recurrences).
 
-With this anchor the fields of a serial composition are exact sums (see `then`).
+With this anchor the fields of a serial composition are exact sums (see `then`). Output
+counts are exact too: `stages` keeps each layer's `(output_ratio, output_latency)` so that
+`floor` is applied layer by layer (a stride 2 then an upsample 2 gives 16 frames from 17).
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ class StreamSpec:
     input_latency: int = 0
     output_latency: int = 0
     receptive_field: tuple[float, float] = (0.0, 0.0)
+    stages: tuple = ()  # ((output_ratio, output_latency), ...) per layer; filled in if empty
 
     def __post_init__(self):
         object.__setattr__(self, "output_ratio", _as_fraction(self.output_ratio))
+        if not self.stages:
+            object.__setattr__(self, "stages", ((self.output_ratio, self.output_latency),))
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size: expected a positive int, got {self.block_size!r}")
         if self.output_ratio <= 0:
@@ -81,6 +86,7 @@ class StreamSpec:
             input_latency=self.input_latency + int(look),
             output_latency=int(carried) + nxt.output_latency,
             receptive_field=(float(past), float(future)),
+            stages=self.stages + nxt.stages,
         )
 
     def repeat(self, n: int) -> "StreamSpec":
@@ -99,11 +105,22 @@ class StreamSpec:
 
     def outputs_after(self, n: int) -> int:
         """Valid output frames produced after n valid input frames (before flush)."""
-        return max(0, math.floor(n * self.output_ratio) - self.output_latency)
+        for ratio, latency in self.stages:
+            n = max(0, math.floor(n * ratio) - latency)
+        return n
 
     def offline_length(self, n: int) -> int:
         """Valid output frames of the offline call on n valid input frames."""
-        return math.floor(n * self.output_ratio)
+        for ratio, _ in self.stages:
+            n = math.floor(n * ratio)
+        return n
+
+    def emitted_at(self, j: int) -> int:
+        """The number of valid input frames after which output frame j has been emitted."""
+        n = 0
+        while self.outputs_after(n) <= j:
+            n += 1
+        return n
 
 
 def compose(specs) -> StreamSpec:

@@ -462,6 +462,7 @@ def _check_receptive_field(ctx):
     max_seen = -math.inf
     for j in range(n_out):
         anchor = float(spec.anchor(j))
+        emitted = spec.emitted_at(j)
         for i in np.nonzero(depends[:, j])[0]:
             rel = i - anchor
             max_seen = max(max_seen, rel)
@@ -469,10 +470,10 @@ def _check_receptive_field(ctx):
                 raise StreamContractError(
                     f"[receptive_field] output frame {j} depends on input frame {i} "
                     f"(i - anchor = {rel:g}), outside the declared receptive_field {spec.receptive_field}")
-    if math.ceil(future - 1e-9) > spec.input_latency:
-        raise StreamContractError(
-            f"[receptive_field] declared future {future:g} frames of look-ahead exceed "
-            f"input_latency {spec.input_latency}")
+            if i >= emitted and j < spec.outputs_after(n):
+                raise StreamContractError(
+                    f"[receptive_field] output frame {j} is emitted after {emitted} input frames "
+                    f"(per spec) but depends on input frame {i}: the spec understates the latency")
     # The declared look-ahead is really used (outputs near the end can see fewer frames).
     checkable = [j for j in range(n_out) if float(spec.anchor(j)) + future <= n - 1]
     if checkable and future > 0 and max_seen <= future - 1:

@@ -1,0 +1,189 @@
+"""Causal 1-D convolution over time (`Conv1D`): strided, dilated, grouped/depthwise, with an
+optional bounded look-ahead.
+
+Output frame j of a stride-s conv belongs to the input block `j*s .. (j+1)*s - 1`. With
+`lookahead = L` it reads the K taps ending at input frame `p_j = (j+1)*s - 1 + L`:
+`p_j - (K-1)*dilation, ..., p_j` (step `dilation`). Frames before the stream start are zeros,
+and so are frames after its end: offline pads L zeros on the right, and `flush` emits the L/s
+outputs that the look-ahead held back, computed the same way.
+
+Streaming keeps the last W = (K-1)*dilation (at least 1) committed input frames of each row
+and a per-row frame counter (its value mod stride is the stride phase). A step builds, per row,
+`history ++ chunk`, gathers the part of it whose stride grid lines up with that row's due
+outputs, and runs the same strided conv as the offline path: exact for any chunking.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from streamzoo.core.seq import Seq
+from streamzoo.core.spec import StreamSpec
+from streamzoo.core.streamer import StreamLayer
+
+_DIMS = ("NWC", "WIO", "NWC")
+
+
+@struct.dataclass
+class ConvCarry:
+    history: jax.Array  # [B, W, in_features] the row's last W committed input frames, oldest first
+    seen: jax.Array  # [B] int32 committed input frames (saturating; keeps the phase mod stride)
+
+
+def check_positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def check_groups(in_features: int, out_features: int, groups) -> int:
+    """`groups` must divide both feature sizes (groups=in_features gives a depthwise conv)."""
+    check_positive_int("groups", groups)
+    if in_features % groups or out_features % groups:
+        raise ValueError(
+            f"groups: expected a divisor of in_features={in_features} and "
+            f"out_features={out_features}, got {groups}")
+    return groups
+
+
+def take_frames(values: jax.Array, start: jax.Array, length: int) -> jax.Array:
+    """Per row b: `values[b, start[b] : start[b] + length]`, indices clipped to the last frame."""
+    idx = jnp.minimum(start[:, None] + jnp.arange(length)[None, :], values.shape[1] - 1)
+    return jnp.take_along_axis(values, idx[:, :, None], axis=1)
+
+
+class Conv1D(StreamLayer):
+    """Causal (or bounded look-ahead) 1-D conv: `[B, T, in_features] -> [B, T // stride, out]`.
+
+    `lookahead` (input frames, a multiple of `stride`) lets each output see that many future
+    frames; the layer then holds back `lookahead // stride` outputs until `flush`.
+    Parameters are float32; the conv runs in `dtype` (default: the input's dtype).
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, lookahead: int = 0, use_bias: bool = True,
+                 dtype=None, rngs: nnx.Rngs):
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
+        self.stride = check_positive_int("stride", stride)
+        self.dilation = check_positive_int("dilation", dilation)
+        self.groups = check_groups(in_features, out_features, groups)
+        if not isinstance(lookahead, int) or lookahead < 0 or lookahead % stride:
+            raise ValueError(
+                f"lookahead: expected a non-negative int multiple of stride={stride} (so that "
+                f"the held-back outputs are whole output frames), got {lookahead!r}")
+        self.lookahead = lookahead
+        self.dtype = dtype
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(
+            init(rngs.params(), (kernel_size, in_features // groups, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def span(self) -> int:
+        """Input frames a window covers beyond its last one: (K-1)*dilation."""
+        return (self.kernel_size - 1) * self.dilation
+
+    @property
+    def history_size(self) -> int:
+        """Frames kept in the carry (at least one, so that no carry leaf is empty)."""
+        return max(self.span, 1)
+
+    @property
+    def spec(self) -> StreamSpec:
+        s, look = self.stride, self.lookahead
+        return StreamSpec(block_size=s, output_ratio=Fraction(1, s),
+                          input_latency=look, output_latency=look // s,
+                          receptive_field=(float(look - self.span), float(look)))
+
+    # ------------------------------------------------------------------ compute
+    def _compute_dtype(self, input_dtype):
+        return self.dtype or input_dtype
+
+    def _conv(self, v: jax.Array) -> jax.Array:
+        """Strided VALID conv: output m reads `v[m*s : m*s + span + 1 : dilation]`."""
+        y = jax.lax.conv_general_dilated(
+            v, self.kernel[...].astype(v.dtype), window_strides=(self.stride,), padding="VALID",
+            rhs_dilation=(self.dilation,), dimension_numbers=_DIMS,
+            feature_group_count=self.groups)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+    def _empty(self, batch_size, dtype) -> Seq:
+        return Seq.empty(batch_size, (self.out_features,), dtype)
+
+    def _forward(self, x: Seq) -> Seq:
+        dtype = self._compute_dtype(x.dtype)
+        n_out = x.length // self.stride
+        if n_out == 0:
+            return self._empty(x.batch_size, dtype)
+        # Output j's window ends at p_j = (j+1)*s - 1 + L: pad `span` zeros on the left and L
+        # on the right, then drop the first s-1+L padded frames so that window j starts at j*s.
+        lo = self.span - (self.stride - 1) - self.lookahead
+        v = jnp.pad(x.values.astype(dtype), ((0, 0), (max(lo, 0), self.lookahead), (0, 0)))
+        y = self._conv(v[:, max(-lo, 0):])
+        mask = jnp.arange(n_out)[None, :] < (x.lengths() // self.stride)[:, None]
+        return Seq(y, mask, compact=True).masked()
+
+    def _init_carry(self, batch_size, dtype):
+        dtype = dtype or self.dtype or jnp.float32
+        return ConvCarry(jnp.zeros((batch_size, self.history_size, self.in_features), dtype),
+                         jnp.zeros((batch_size,), jnp.int32))
+
+    def _due(self, seen, window, lengths):
+        """The outputs whose window ends among the new frames of `window = history ++ new`.
+
+        Row b's new frames are its frames `seen[b] .. seen[b] + lengths[b] - 1` (a prefix of
+        the T new ones). Returns `(y [B, T // s, out], count [B])`: row b's due outputs first.
+        """
+        s, look, span = self.stride, self.lookahead, self.span
+        slots = (window.shape[1] - self.history_size) // s
+        # First chunk frame t that ends a window: (seen + t + 1 - L) divisible by s, and the
+        # output index (seen + t + 1 - L) / s - 1 not negative.
+        first = jnp.maximum(jnp.mod(look - 1 - seen, s), s - 1 + look - seen)
+        count = jnp.clip((lengths - first + s - 1) // s, 0, slots)
+        # New frame t sits at W + t of the window; output slot m reads from W + first - span + m*s.
+        start = self.history_size + first - span
+        aligned = take_frames(window, start, span + (slots - 1) * s + 1)
+        y = self._conv(aligned)
+        return y, count
+
+    def _step(self, carry: ConvCarry, x: Seq):
+        dtype = self._compute_dtype(x.dtype)
+        if x.length == 0:
+            return carry, self._empty(x.batch_size, dtype)
+        lengths = x.lengths()
+        window = jnp.concatenate([carry.history.astype(dtype), x.values.astype(dtype)], axis=1)
+        y, count = self._due(carry.seen, window, lengths)
+        history = take_frames(window, lengths, self.history_size).astype(carry.history.dtype)
+        out = Seq(y, jnp.arange(y.shape[1])[None, :] < count[:, None], compact=True).masked()
+        return ConvCarry(history, self._advance(carry.seen, lengths)), out
+
+    def _advance(self, seen, lengths):
+        """`seen + lengths`, saturating at a cap (a multiple of stride beyond which only the
+        phase matters), so that the counter never overflows on endless streams."""
+        cap = self.lookahead + self.stride
+        seen = seen + lengths
+        return jnp.where(seen >= cap, cap + jnp.mod(seen - cap, self.stride), seen)
+
+    def _flush(self, carry: ConvCarry, batch_size: int):
+        """The `lookahead // stride` held-back outputs, computed with zeros after the stream end.
+
+        The carry is returned unchanged: flushing commits no frames.
+        """
+        dtype = self._compute_dtype(carry.history.dtype)
+        if not self.lookahead:
+            return carry, self._empty(batch_size, dtype)
+        zeros = jnp.zeros((batch_size, self.lookahead, self.in_features), dtype)
+        window = jnp.concatenate([carry.history.astype(dtype), zeros], axis=1)
+        y, count = self._due(carry.seen, window,
+                             jnp.full((batch_size,), self.lookahead, jnp.int32))
+        mask = jnp.arange(y.shape[1])[None, :] < count[:, None]
+        return carry, Seq(y, mask, compact=True).masked()
