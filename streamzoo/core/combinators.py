@@ -21,6 +21,8 @@ def _pipe_tail(layers, carries, tail: Seq | None):
     for layer, c in zip(layers, carries):
         if tail is not None and tail.length:
             c, tail = layer.step(c, tail.pad_to_multiple(layer.spec.block_size))
+        else:
+            tail = None  # an empty tail has the previous layer's feature shape
         c, out = layer.flush(c)
         tail = out if tail is None else Seq.concatenate([tail, out]).compacted()
         new_carries.append(c)

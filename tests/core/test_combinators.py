@@ -59,6 +59,11 @@ def test_stateless_stack_has_no_carry_leaves(x):
     assert_stream_contract(model, x, checks=("partitions", "reset_rows", "carry"))
 
 
+def test_serial_that_changes_feature_size_flushes(x):
+    model = Serial(LayerNorm(D), FeedForward(D, 8, out_features=3, rngs=nnx.Rngs(5)), CumulativeMean(3))
+    assert_stream_contract(model, x, checks=("partitions", "flush"))
+
+
 def test_bad_compositions_are_clear_errors():
     r = nnx.Rngs(0)
     with pytest.raises(ValueError, match=r"layers\[1\]: expected input feature shape \(4,\)"):
