@@ -1,14 +1,15 @@
 """Core of streamzoo: sequences, stream specs, the Streamer protocol, combinators, drivers."""
 
 from streamzoo.core.combinators import Repeat, Residual, Serial
-from streamzoo.core.drivers import (carry_nbytes, chunked, multistep, pure, reset_rows, stream,
-                                    unchunked)
+from streamzoo.core.drivers import (carry_nbytes, chunked, jitted_apply, jitted_flush, jitted_step,
+                                    multistep, pure, reset_rows, stream, unchunked)
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec, compose
 from streamzoo.core.streamer import NoCarry, StreamLayer, Streamer, batch_size_of, where_rows
 
 __all__ = [
     "NoCarry", "Repeat", "Residual", "Seq", "Serial", "StreamLayer", "StreamSpec", "Streamer",
-    "batch_size_of", "carry_nbytes", "chunked", "compose", "multistep", "pure", "reset_rows",
+    "batch_size_of", "carry_nbytes", "chunked", "compose", "jitted_apply", "jitted_flush",
+    "jitted_step", "multistep", "pure", "reset_rows",
     "stream", "unchunked", "where_rows",
 ]

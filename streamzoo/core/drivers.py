@@ -46,13 +46,21 @@ def unchunked(ys: Seq) -> Seq:
 
 
 @jax.jit
-def _jit_step(model, carry, x):
+def jitted_step(model, carry, x):
+    """`model.step` under one shared `jax.jit` (compiles once per model and chunk shape)."""
     return model.step(carry, x)
 
 
 @jax.jit
-def _jit_flush(model, carry):
+def jitted_flush(model, carry):
+    """`model.flush` under one shared `jax.jit`."""
     return model.flush(carry)
+
+
+@jax.jit
+def jitted_apply(model, x):
+    """`model(x)` (offline) under one shared `jax.jit`."""
+    return model(x)
 
 
 def _split_sizes(length: int, chunk_sizes, block_size: int) -> list[int]:
@@ -81,8 +89,8 @@ def stream(model, x: Seq, chunk_sizes, *, carry=None, jit: bool = True, with_flu
     including what `flush` emits at the end when `with_flush`.
     """
     sizes = _split_sizes(x.length, chunk_sizes, model.spec.block_size)
-    step = _jit_step if jit else (lambda m, c, xx: m.step(c, xx))
-    flush = _jit_flush if jit else (lambda m, c: m.flush(c))
+    step = jitted_step if jit else (lambda m, c, xx: m.step(c, xx))
+    flush = jitted_flush if jit else (lambda m, c: m.flush(c))
     if carry is None:
         carry = model.init_carry(x.batch_size)
     outs, start = [], 0
