@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = families.add_parser(name, help=module.DESCRIPTION, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
+
+    from streamzoo.train.configs import add_train_parser  # `streamzoo train MODEL --config NAME`
+    add_train_parser(commands)
     return parser
 
 
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return demos.load(args.family).run(args)
+    if args.command == "train":
+        return args.func(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The commands README.md gives, which .ci/run must run verbatim.
 README_COMMANDS = {
     "system packages": "apt-get update && apt-get install -y espeak-ng sox python3-doc",
-    "setup": 'python3.11 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]"',
+    "setup": 'python3.11 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && pip install --no-deps silero-vad==6.2.3',
     "tests": "python -m pytest",
 }
 

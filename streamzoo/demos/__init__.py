@@ -12,6 +12,7 @@ from types import ModuleType
 # family name -> module implementing it; the first one is what `streamzoo demo` runs.
 FAMILIES: dict[str, str] = {
     "core": "streamzoo.demos.core_stack",
+    "vad": "streamzoo.zoo.vad.demo",
 }
 DEFAULT_FAMILY = "core"
 
