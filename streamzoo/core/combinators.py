@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from streamzoo.core.frames import take_frames
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec, compose
 from streamzoo.core.streamer import StreamLayer, batch_size_of
@@ -134,7 +135,7 @@ class Residual(StreamLayer):
         if not self.delay:
             return ResidualCarry(inner, None, None), y.replace(values=y.values + x.values.astype(y.dtype))
         window, offset, seen = _delay_window(carry.skip, carry.seen, x, self.delay)
-        aligned = _take_frames(window, offset, y.length)
+        aligned = take_frames(window, offset, y.length)
         return (ResidualCarry(inner, _last_valid(window, x.lengths() + self.delay, self.delay), seen),
                 y.replace(values=y.values + aligned.astype(y.dtype)).masked())
 
@@ -144,7 +145,7 @@ class Residual(StreamLayer):
             return ResidualCarry(inner, None, None), y
         # The inner flush emits the outputs of the last min(seen, L) inputs, compacted.
         offset = jnp.maximum(0, self.delay - carry.seen)
-        aligned = _take_frames(carry.skip, offset, y.length)
+        aligned = take_frames(carry.skip, offset, y.length)
         return (ResidualCarry(inner, carry.skip, carry.seen),
                 y.replace(values=y.values + aligned.astype(y.dtype)).masked())
 
@@ -165,16 +166,9 @@ def _delay_window(skip, seen, x: Seq, delay):
     return window, offset, seen + x.lengths()
 
 
-def _take_frames(values, start, length):
-    """Per row b: `values[b, start[b] : start[b] + length]` (clipped at the end)."""
-    idx = jnp.minimum(start[:, None] + jnp.arange(length)[None, :], values.shape[1] - 1)
-    idx = idx.reshape(idx.shape + (1,) * (values.ndim - 2))
-    return jnp.take_along_axis(values, idx, axis=1)
-
-
 def _last_valid(window, end, count):
     """Per row: the `count` frames of `window` ending (exclusive) at `end[b]`."""
-    return _take_frames(window, end - count, count)
+    return take_frames(window, end - count, count)
 
 
 @struct.dataclass

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from streamzoo.core.drivers import carry_nbytes
+from streamzoo.core.drivers import carry_nbytes, jitted_apply, jitted_flush
 from streamzoo.core.seq import Seq
 
 
@@ -52,14 +52,7 @@ def _step(model, carry, x):
     return model.step(carry, x)
 
 
-@jax.jit
-def _flush(model, carry):
-    return model.flush(carry)
-
-
-@jax.jit
-def _call(model, x):
-    return model(x)
+_flush, _call = jitted_flush, jitted_apply  # shared with the harness and drivers
 
 
 def offline(model, x: Seq) -> Seq:

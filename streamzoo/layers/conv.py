@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from streamzoo.core.checks import check_positive_int
+from streamzoo.core.frames import take_frames
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec
 from streamzoo.core.streamer import StreamLayer
@@ -34,12 +36,6 @@ class ConvCarry:
     seen: jax.Array  # [B] int32 committed input frames (saturating; keeps the phase mod stride)
 
 
-def check_positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
 def check_groups(in_features: int, out_features: int, groups) -> int:
     """`groups` must divide both feature sizes (groups=in_features gives a depthwise conv)."""
     check_positive_int("groups", groups)
@@ -48,12 +44,6 @@ def check_groups(in_features: int, out_features: int, groups) -> int:
             f"groups: expected a divisor of in_features={in_features} and "
             f"out_features={out_features}, got {groups}")
     return groups
-
-
-def take_frames(values: jax.Array, start: jax.Array, length: int) -> jax.Array:
-    """Per row b: `values[b, start[b] : start[b] + length]`, indices clipped to the last frame."""
-    idx = jnp.minimum(start[:, None] + jnp.arange(length)[None, :], values.shape[1] - 1)
-    return jnp.take_along_axis(values, idx[:, :, None], axis=1)
 
 
 class Conv1D(StreamLayer):

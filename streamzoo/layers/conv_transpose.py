@@ -25,7 +25,9 @@ from flax import nnx, struct
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec
 from streamzoo.core.streamer import StreamLayer
-from streamzoo.layers.conv import check_groups, check_positive_int, take_frames
+from streamzoo.core.checks import check_positive_int
+from streamzoo.core.frames import take_frames
+from streamzoo.layers.conv import check_groups
 
 _DIMS = ("NWC", "WIO", "NWC")
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from streamzoo.core.checks import check_float_dtype, check_positive_int
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec
 from streamzoo.core.streamer import StreamLayer
@@ -29,24 +30,9 @@ class GRUCarry:
     h: jax.Array  # [B, hidden] float32 hidden state
 
 
-def check_features(name: str, value) -> int:
-    """A positive int feature size, or a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
-def check_dtype(dtype):
-    """None or a floating dtype, or a ValueError naming `dtype`."""
-    if dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"dtype: expected None or a floating dtype, got {dtype!r}") from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"dtype: expected None or a floating dtype, got {dt}")
-    return dt
+# Shared argument checks (kept under these names for the layers that import them from here).
+check_features = check_positive_int
+check_dtype = check_float_dtype
 
 
 def project(values, kernel, bias=None):

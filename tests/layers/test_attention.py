@@ -38,19 +38,8 @@ HARNESS_SKIP = {
 }
 
 
-@jax.jit
-def _offline(model, x):
-    return model(x)
-
-
-@jax.jit
-def _step(model, carry, x):
-    return model.step(carry, x)
-
-
-@jax.jit
-def _flush(model, carry):
-    return model.flush(carry)
+# The shared jitted drivers: compiles are shared with the harness.
+_offline, _step, _flush = sz.jitted_apply, sz.jitted_step, sz.jitted_flush
 
 
 _project = jax.jit(lambda model, values, positions: model._project(values, positions))

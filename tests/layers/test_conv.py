@@ -27,19 +27,8 @@ CONFIGS = {
 }
 
 
-@jax.jit
-def _offline(model, x):
-    return model(x)
-
-
-@jax.jit
-def _step(model, carry, x):
-    return model.step(carry, x)
-
-
-@jax.jit
-def _flush(model, carry):
-    return model.flush(carry)
+# The shared jitted drivers: compiles are shared with the harness.
+_offline, _step, _flush = sz.jitted_apply, sz.jitted_step, sz.jitted_flush
 
 
 def make(name, key, dtype=None) -> Conv1D:

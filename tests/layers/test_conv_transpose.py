@@ -24,14 +24,8 @@ CONFIGS = {
 }
 
 
-@jax.jit
-def _offline(model, x):
-    return model(x)
-
-
-@jax.jit
-def _step(model, carry, x):
-    return model.step(carry, x)
+# The shared jitted drivers: compiles are shared with the harness.
+_offline, _step = sz.jitted_apply, sz.jitted_step
 
 
 def make(name, key, dtype=None) -> ConvTranspose1D:
