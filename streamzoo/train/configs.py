@@ -430,6 +430,8 @@ def train_from_args(args: argparse.Namespace) -> int:
         print(f"streamzoo train: error: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("runs", f"{config.model}-{config.name}")
+    from streamzoo.train.distributed import initialize
+    initialize()  # joins a multi-process run (SLURM, TPU pod, env); a no-op on one process
     state = run(config, out, progress=not args.no_progress)
     print(f"trained {config.model} ({config.name}) to step {int(state.step)}; run directory {out}")
     return 0

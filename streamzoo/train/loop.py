@@ -228,7 +228,7 @@ def _accumulated(state: TrainState, batch, rng):
     return (loss / total, aux), grads
 
 
-def _train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+def train_step_fn(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng, step_rng = jax.random.split(state.rng)
     new_carry = state.carry
     if state.options.accum_steps == 1:
@@ -251,10 +251,10 @@ def _train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     return new, metrics
 
 
-train_step = jax.jit(_train_step)
+train_step = jax.jit(train_step_fn)
 """`train_step(state, batch) -> (state, metrics)`: one optimizer update (pure, jitted)."""
 
-train_step_donated = jax.jit(_train_step, donate_argnums=0)
+train_step_donated = jax.jit(train_step_fn, donate_argnums=0)
 """`train_step` that donates the incoming state's buffers (what `fit` uses)."""
 
 
