@@ -32,7 +32,7 @@ def chunked(x: Seq, chunk_size: int) -> Seq:
         a = a.reshape(a.shape[0], k, chunk_size, *a.shape[2:])
         return jnp.moveaxis(a, 1, 0)
 
-    return Seq(split(x.values), split(x.mask), compact=False)
+    return Seq(split(x.values), split(x.mask), compact=x.compact)  # chunks of a prefix stay prefixes
 
 
 def unchunked(ys: Seq) -> Seq:
