@@ -1,0 +1,26 @@
+"""Streaming decoder-only language model with pluggable KV-cache policies.
+
+* `model`: `StreamingLM` (RoPE, GQA, RMSNorm, SwiGLU, tied embeddings optional; the full
+  streaming contract), `with_policy`, `permute_kv_heads`.
+* `decode`: chunked `prefill`, the jitted `generate` loop (`lax.while_loop`), per-row stop
+  tokens, `refill` (row reuse), `fork`.
+* `sampling`: greedy / temperature / top-k / top-p with explicit per-row keys.
+* `paged`: the paged KV layout (page pool, page tables, copy-on-write prefix sharing) that the
+  decode loop uses when given a `paged.PagedCache` as the carry.
+
+Cache policies live with the attention layer: `streamzoo.layers.kv_policies`.
+"""
+
+from streamzoo.layers.kv_policies import (FullCache, KVPolicy, PerHead, SinksWindow,
+                                          SlidingWindow, duo_attention)
+from streamzoo.zoo.lm import decode, paged, sampling
+from streamzoo.zoo.lm.decode import DecodeState, fork, generate, new_state, prefill, refill, start
+from streamzoo.zoo.lm.model import DecoderBlock, StreamingLM, permute_kv_heads, with_policy
+from streamzoo.zoo.lm.sampling import SamplingParams
+
+__all__ = [
+    "DecodeState", "DecoderBlock", "FullCache", "KVPolicy", "PerHead", "SamplingParams",
+    "SinksWindow", "SlidingWindow", "StreamingLM", "decode", "duo_attention", "fork", "generate",
+    "new_state", "paged", "permute_kv_heads", "prefill", "refill", "sampling", "start",
+    "with_policy",
+]
