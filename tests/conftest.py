@@ -21,9 +21,10 @@ CACHE_DIR = os.path.expanduser(os.environ.get("STREAMZOO_JAX_CACHE", "~/.cache/s
 
 jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 jax.config.update("jax_enable_x64", False)
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if os.environ.get("STREAMZOO_JAX_CACHE") != "off":  # "off": no persistent cache (CI)
+    jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # 8 simulated CPU devices, so the sharding tests (DP, FSDP, TP, ring attention, sequence
 # parallel) run in this process; other tests use device 0 as before.
 if os.environ["JAX_PLATFORMS"] == "cpu":
