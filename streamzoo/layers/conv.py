@@ -46,6 +46,15 @@ def check_groups(in_features: int, out_features: int, groups) -> int:
     return groups
 
 
+def conv_params(rngs, kernel_size, in_features, out_features, groups, use_bias):
+    """A `[K, in / groups, out]` LeCun-normal kernel and a zero bias (or None), float32."""
+    init = nnx.initializers.lecun_normal()
+    kernel = nnx.Param(init(rngs.params(), (kernel_size, in_features // groups, out_features),
+                            jnp.float32))
+    bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+    return kernel, bias
+
+
 class Conv1D(StreamLayer):
     """Causal (or bounded look-ahead) 1-D conv: `[B, T, in_features] -> [B, T // stride, out]`.
 
@@ -69,10 +78,8 @@ class Conv1D(StreamLayer):
                 f"the held-back outputs are whole output frames), got {lookahead!r}")
         self.lookahead = lookahead
         self.dtype = dtype
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(
-            init(rngs.params(), (kernel_size, in_features // groups, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.kernel, self.bias = conv_params(rngs, kernel_size, in_features, out_features, groups,
+                                             use_bias)
 
     # ------------------------------------------------------------------ geometry
     @property

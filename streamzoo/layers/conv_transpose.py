@@ -27,7 +27,7 @@ from streamzoo.core.spec import StreamSpec
 from streamzoo.core.streamer import StreamLayer
 from streamzoo.core.checks import check_positive_int
 from streamzoo.core.frames import take_frames
-from streamzoo.layers.conv import check_groups
+from streamzoo.layers.conv import check_groups, conv_params
 
 _DIMS = ("NWC", "WIO", "NWC")
 
@@ -52,10 +52,8 @@ class ConvTranspose1D(StreamLayer):
         self.stride = check_positive_int("stride", stride)
         self.groups = check_groups(in_features, out_features, groups)
         self.dtype = dtype
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(
-            init(rngs.params(), (kernel_size, in_features // groups, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.kernel, self.bias = conv_params(rngs, kernel_size, in_features, out_features, groups,
+                                             use_bias)
 
     @property
     def tail_size(self) -> int:

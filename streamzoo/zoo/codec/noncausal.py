@@ -30,7 +30,7 @@ from streamzoo.core.combinators import Residual, Serial
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec
 from streamzoo.core.streamer import StreamLayer, batch_size_of
-from streamzoo.layers.conv import Conv1D, check_groups, check_positive_int
+from streamzoo.layers.conv import Conv1D, check_groups, check_positive_int, conv_params
 
 _DIMS = ("NWC", "WIO", "NWC")
 
@@ -60,10 +60,8 @@ class NonCausalConv1D(nnx.Module):
             raise ValueError(f"padding: expected an int in 0..(kernel_size-1)*dilation={span}, "
                              f"got {padding!r}")
         self.padding = int(padding)
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(
-            init(rngs.params(), (kernel_size, in_features // groups, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.kernel, self.bias = conv_params(rngs, kernel_size, in_features, out_features, groups,
+                                             use_bias)
 
     @property
     def span(self) -> int:
