@@ -4,10 +4,17 @@ The suite is compile-bound on a 2-core CPU, so compiled executables are cached o
 outside the repository (`~/.cache/streamzoo-jax`, or `$STREAMZOO_JAX_CACHE`) with no minimum
 compile time or entry size: jax's default (1 s) caches nothing for small test programs.
 The cache is keyed by jax version, flags and CPU, so it is never committed.
+
+Every compiled CPU executable holds a few memory mappings until it is freed; the whole suite
+compiles thousands of programs, and without freeing them one process passes Linux's default
+`vm.max_map_count` (65530) and XLA segfaults inside a compile (seen in CI at ~85% of the run:
+51,000 mappings after three quarters of it). So the in-memory caches are cleared after every
+test module.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import zlib
 
@@ -35,3 +42,11 @@ if os.environ["JAX_PLATFORMS"] == "cpu":
 def key(request) -> jax.Array:
     """A PRNG key that differs per test (derived from the test id) and is stable across runs."""
     return jax.random.key(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop the module's compiled executables (and their memory mappings) when it finishes."""
+    yield
+    jax.clear_caches()
+    gc.collect()
