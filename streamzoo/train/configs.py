@@ -95,6 +95,25 @@ class TrainTask:
 MODELS: dict[str, Callable[[TrainConfig], TrainTask]] = {}
 CONFIGS: dict[str, dict[str, dict]] = {}
 
+# Families that register their models in their own `training` module, imported on first use
+# of the registry (so importing streamzoo.train stays light).
+FAMILY_TRAINING_MODULES = ("streamzoo.zoo.lm.training", "streamzoo.zoo.codec.training",
+                           "streamzoo.zoo.asr.training")
+_families_loaded = False
+
+
+def load_families() -> None:
+    """Import every family's `training` module that exists, so its models are registered."""
+    global _families_loaded
+    if _families_loaded:
+        return
+    _families_loaded = True
+    import importlib
+    import importlib.util
+    for name in FAMILY_TRAINING_MODULES:
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name):
+            importlib.import_module(name)
+
 
 def register_model(name: str):
     """Decorator: register `builder(config) -> TrainTask` under `name`."""
@@ -116,6 +135,7 @@ def register_config(model: str, name: str, **overrides) -> None:
 
 
 def _check_model(model: str) -> None:
+    load_families()
     if model not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {model!r}")
 
@@ -390,6 +410,7 @@ def run(config: TrainConfig, out_dir: str, *, progress: bool = True, plot: bool 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `streamzoo train` (for a sub-command parser)."""
+    load_families()
     parser.add_argument("model", help=f"the model to train (registered: {', '.join(sorted(MODELS))})")
     parser.add_argument("--config", default=None,
                         help="a registered config name of the model, or a JSON file of TrainConfig "
@@ -416,6 +437,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def train_from_args(args: argparse.Namespace) -> int:
+    load_families()
     if args.model not in MODELS:
         print(f"streamzoo train: error: model: expected one of {sorted(MODELS)}, got {args.model!r}",
               file=sys.stderr)
