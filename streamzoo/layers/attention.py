@@ -45,6 +45,8 @@ from streamzoo.core.streamer import StreamLayer
 from streamzoo.layers.kv_policies import (CacheGroup, KVPolicy, assemble_keys, legacy_group,
                                           rollback_cache, take_rows, write_cache)
 from streamzoo.layers.positional import apply_rope
+from streamzoo.pallas_kernels.attention import attention as masked_attention
+from streamzoo.pallas_kernels.ring_decode_attention import ring_decode_attention
 
 
 # ------------------------------------------------------------------------------ reference
@@ -270,9 +272,11 @@ class StreamingAttention(StreamLayer):
             if s:
                 q_sinks = self._rotate(q, q_pos - group.sink_shift(q_pos)).astype(dtype)
             q = self._rotate(q, q_pos - base)
-        return attention_reference(q.astype(dtype), keys.astype(dtype), vals.astype(dtype),
-                                   q_pos, key_pos, key_valid, group.max_past, self.max_future,
-                                   s, q_for_sinks=q_sinks)
+        # The kernel dispatcher picks Pallas on GPU/TPU and the jnp reference on the CPU.
+        return ring_decode_attention(q.astype(dtype), keys.astype(dtype), vals.astype(dtype),
+                                     jnp.where(key_valid, key_pos, -1), q_pos,
+                                     max_past=group.max_past, max_future=self.max_future,
+                                     num_sinks=s, q_sinks=q_sinks, impl="auto")
 
     def _attend(self, q, k, v, q_pos, k_pos, k_valid):
         """Rotated queries over rotated keys, one group holding all heads (no policy)."""
@@ -324,10 +328,12 @@ class StreamingAttention(StreamLayer):
             if self.rope and group.positions == "cache" and group.num_sinks:
                 q_sinks = self._rotate(self._heads(group, "q", q_raw),
                                        positions - group.sink_shift(positions))
-            outs.append(attention_reference(
-                self._heads(group, "q", q), self._heads(group, "kv", k),
-                self._heads(group, "kv", v), positions, positions, x.mask, group.max_past,
-                self.max_future, group.num_sinks, q_for_sinks=q_sinks))
+            qg = self._heads(group, "q", q)
+            outs.append(masked_attention(   # Pallas on GPU/TPU, the jnp reference on the CPU
+                qg, self._heads(group, "kv", k), self._heads(group, "kv", v),
+                lengths=x.lengths(), max_past=group.max_past, max_future=self.max_future,
+                num_sinks=group.num_sinks,
+                q_sinks=None if q_sinks is None else q_sinks.astype(qg.dtype), impl="auto"))
         return self._output(self._merge_heads(outs), x.mask)
 
     def _step(self, carry: AttentionCarry, x: Seq):

@@ -11,6 +11,10 @@ Streaming keeps the last W = (K-1)*dilation (at least 1) committed input frames 
 and a per-row frame counter (its value mod stride is the stride phase). A step builds, per row,
 `history ++ chunk`, gathers the part of it whose stride grid lines up with that row's due
 outputs, and runs the same strided conv as the offline path: exact for any chunking.
+
+The depthwise causal case (groups = in = out features, stride 1, no look-ahead) runs the fused
+`pallas_kernels.causal_depthwise_conv` kernel (conv + history update in one pass) when `impl`
+resolves to a Pallas implementation ("auto": on GPU/TPU); otherwise, and on CPU, the XLA path.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from streamzoo.core.frames import take_frames
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec
 from streamzoo.core.streamer import StreamLayer
+from streamzoo.pallas_kernels import causal_depthwise_conv as dwconv
+from streamzoo.pallas_kernels.dispatch import IMPLS, resolve_impl
 
 _DIMS = ("NWC", "WIO", "NWC")
 
@@ -61,11 +67,12 @@ class Conv1D(StreamLayer):
     `lookahead` (input frames, a multiple of `stride`) lets each output see that many future
     frames; the layer then holds back `lookahead // stride` outputs until `flush`.
     Parameters are float32; the conv runs in `dtype` (default: the input's dtype).
+    `impl` picks the depthwise kernel's implementation (`pallas_kernels.dispatch`).
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
                  dilation: int = 1, groups: int = 1, lookahead: int = 0, use_bias: bool = True,
-                 dtype=None, rngs: nnx.Rngs):
+                 dtype=None, impl: str = "auto", rngs: nnx.Rngs):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self.kernel_size = check_positive_int("kernel_size", kernel_size)
@@ -78,6 +85,9 @@ class Conv1D(StreamLayer):
                 f"the held-back outputs are whole output frames), got {lookahead!r}")
         self.lookahead = lookahead
         self.dtype = dtype
+        if impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         self.kernel, self.bias = conv_params(rngs, kernel_size, in_features, out_features, groups,
                                              use_bias)
 
@@ -113,6 +123,20 @@ class Conv1D(StreamLayer):
             y = y + self.bias[...].astype(y.dtype)
         return y
 
+    def _fused_impl(self) -> str | None:
+        """The depthwise kernel's implementation when this conv can use it and `impl` resolves
+        to a Pallas one; None for the XLA path."""
+        if not (self.groups == self.in_features == self.out_features and self.stride == 1
+                and self.lookahead == 0):
+            return None
+        impl = resolve_impl(self.impl, dwconv.KERNEL, dwconv.SUPPORTED)
+        return None if impl == "xla" else impl
+
+    def _fused(self, impl, v, history, lengths):
+        bias = None if self.bias is None else self.bias[...]
+        return dwconv.causal_depthwise_conv(v, history, self.kernel[...][:, 0, :], bias,
+                                            dilation=self.dilation, lengths=lengths, impl=impl)
+
     def _empty(self, batch_size, dtype) -> Seq:
         return Seq.empty(batch_size, (self.out_features,), dtype)
 
@@ -121,6 +145,9 @@ class Conv1D(StreamLayer):
         n_out = x.length // self.stride
         if n_out == 0:
             return self._empty(x.batch_size, dtype)
+        if (impl := self._fused_impl()) is not None:
+            y, _ = self._fused(impl, x.values.astype(dtype), None, x.lengths())
+            return Seq(y, x.mask, compact=True).masked()
         # Output j's window ends at p_j = (j+1)*s - 1 + L: pad `span` zeros on the left and L
         # on the right, then drop the first s-1+L padded frames so that window j starts at j*s.
         lo = self.span - (self.stride - 1) - self.lookahead
@@ -157,6 +184,12 @@ class Conv1D(StreamLayer):
         if x.length == 0:
             return carry, self._empty(x.batch_size, dtype)
         lengths = x.lengths()
+        if (impl := self._fused_impl()) is not None:
+            y, history = self._fused(impl, x.values.astype(dtype), carry.history.astype(dtype),
+                                     lengths)
+            return (ConvCarry(history.astype(carry.history.dtype),
+                              self._advance(carry.seen, lengths)),
+                    Seq(y, x.mask, compact=True).masked())
         window = jnp.concatenate([carry.history.astype(dtype), x.values.astype(dtype)], axis=1)
         y, count = self._due(carry.seen, window, lengths)
         history = take_frames(window, lengths, self.history_size).astype(carry.history.dtype)

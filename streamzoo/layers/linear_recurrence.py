@@ -11,6 +11,8 @@ runs in O(log T) depth over the whole sequence, streaming it runs the same scan 
 chunk starting from the carried state. A masked frame gets `a = 1, b = 0`, an exact
 identity, so it does not move the state. The `sqrt(1 - a^2)` normalisation keeps the state's
 scale independent of how slowly it decays. The state is float32 whatever the compute dtype.
+When `impl` resolves to a Pallas implementation ("auto": on GPU/TPU) the scan runs the
+`pallas_kernels.linear_scan` kernel; otherwise, and on CPU, `linear_scan` below.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec
 from streamzoo.core.streamer import StreamLayer
 from streamzoo.layers.recurrent import check_dtype, check_features, project
+from streamzoo.pallas_kernels import linear_scan as scan_kernels
+from streamzoo.pallas_kernels.dispatch import IMPLS, resolve_impl
 
 
 def linear_scan(a, b, h0):
@@ -67,11 +71,12 @@ class LinearRecurrence(StreamLayer):
     `in_features -> hidden` state -> `out_features` (default `in_features`). `c` scales the
     decay rate (8 in RG-LRU); `min_decay, max_decay` bound `a` at gate 1 when initialised
     (`a^1` uniform in that range), which sets the memory lengths the layer starts with.
+    `impl` picks the scan's implementation (`pallas_kernels.dispatch`).
     """
 
     def __init__(self, in_features: int, hidden: int, *, out_features: int | None = None,
                  c: float = 8.0, min_decay: float = 0.9, max_decay: float = 0.999,
-                 dtype=None, rngs: nnx.Rngs):
+                 dtype=None, impl: str = "auto", rngs: nnx.Rngs):
         self.in_features = check_features("in_features", in_features)
         self.hidden = check_features("hidden", hidden)
         self.out_features = check_features(
@@ -84,6 +89,9 @@ class LinearRecurrence(StreamLayer):
                 f"got {min_decay}, {max_decay}")
         self.c = float(c)
         self.dtype = check_dtype(dtype)
+        if impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         # Gate and input projections fused: one matmul for all frames.
         self.in_proj = nnx.Linear(in_features, 2 * hidden, rngs=rngs)
         self.out_proj = nnx.Linear(hidden, self.out_features, rngs=rngs)
@@ -112,7 +120,11 @@ class LinearRecurrence(StreamLayer):
     def _run(self, h0, x: Seq):
         dtype = self.dtype or x.dtype
         a, b = self.coefficients(x)
-        h_all, h_last = linear_scan(a, b, h0)
+        impl = resolve_impl(self.impl, scan_kernels.SCAN_KERNEL, scan_kernels.SCAN_SUPPORTED)
+        if impl == "xla":
+            h_all, h_last = linear_scan(a, b, h0)
+        else:  # masked frames already have (a, b) = (1, 0): no lengths needed
+            h_all, h_last = scan_kernels.linear_scan(a, b, h0, impl=impl)
         y = project(h_all.astype(dtype), self.out_proj.kernel[...], self.out_proj.bias[...])
         return LinearRecurrenceCarry(h_last), Seq(y.astype(dtype), x.mask, x.compact).masked()
 
