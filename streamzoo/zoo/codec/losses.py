@@ -15,7 +15,9 @@ loss's scale. `balanced_grads` runs it for a `forward(params) -> (y, unbalanced_
 
 `codec_loss` has the `loss_fn(model, batch, rng) -> (loss, aux)` form of
 `streamzoo.train.loop` (plain weighted sum, no discriminator), for batches
-`{"audio": [B, S] float32, "audio_lengths": [B] int32}`.
+`{"audio": [B, S] float32, "audio_lengths": [B] int32}`. The registered training task
+(`streamzoo.zoo.codec.training.CodecTrainingLoss`) adds the optional discriminator and the
+balancer, whose EMA state it threads through the loop's `TrainState.carry`.
 """
 
 from __future__ import annotations
@@ -251,8 +253,10 @@ class LossBalancer:
         object.__setattr__(self, "eps", float(eps))
 
     def init(self) -> BalancerState:
-        zeros = {name: jnp.zeros((), jnp.float32) for name, _ in self.weights}
-        return BalancerState(dict(zeros), dict(zeros))
+        # Fresh arrays for every entry: a train step that donates its state must not see
+        # one buffer twice.
+        fresh = lambda: {name: jnp.zeros((), jnp.float32) for name, _ in self.weights}  # noqa: E731
+        return BalancerState(fresh(), fresh())
 
     def _norm(self, g):
         g = g.astype(jnp.float32)
@@ -260,25 +264,36 @@ class LossBalancer:
             return jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)))
         return jnp.sqrt(jnp.sum(g ** 2))
 
-    def combine(self, state: BalancerState, grads: Mapping[str, jax.Array]):
-        """`(combined gradient w.r.t. the output, new state, metrics)` from per-loss
-        gradients w.r.t. the output (same names as `weights`)."""
+    def scales(self, state: BalancerState, grads: Mapping[str, jax.Array]):
+        """`(scales, new state, metrics)`: the factor `c_i` by which each loss's output
+        gradient is multiplied, from per-loss gradients w.r.t. the output (same names as
+        `weights`). The combined output gradient is `sum_i c_i * g_i`, so the parameter
+        gradient of the surrogate `sum_i stop_gradient(c_i) * loss_i` is the balanced one
+        (how `codec.training` uses it inside an ordinary `loss_fn`)."""
         names = [name for name, _ in self.weights]
         if sorted(grads) != names:
             raise ValueError(f"grads: expected gradients for exactly {names}, got {sorted(grads)}")
         total_weight = sum(w for _, w in self.weights)
-        num, den, metrics, combined = dict(state.numerator), dict(state.denominator), {}, None
+        num, den, metrics, scales = dict(state.numerator), dict(state.denominator), {}, {}
         for name, weight in self.weights:
-            g = grads[name]
-            norm = self._norm(g)
+            norm = self._norm(grads[name])
             num[name] = self.ema_decay * num[name] + norm
             den[name] = self.ema_decay * den[name] + 1.0
             avg = num[name] / den[name]
-            scale = self.total_norm * (weight / total_weight) / (avg + self.eps)
-            part = (scale * g.astype(jnp.float32)).astype(g.dtype)
-            combined = part if combined is None else combined + part
+            scales[name] = self.total_norm * (weight / total_weight) / (avg + self.eps)
             metrics[f"grad_norm/{name}"] = norm
-        return combined, BalancerState(num, den), metrics
+        return scales, BalancerState(num, den), metrics
+
+    def combine(self, state: BalancerState, grads: Mapping[str, jax.Array]):
+        """`(combined gradient w.r.t. the output, new state, metrics)` from per-loss
+        gradients w.r.t. the output (same names as `weights`)."""
+        scales, state, metrics = self.scales(state, grads)
+        combined = None
+        for name, _ in self.weights:
+            g = grads[name]
+            part = (scales[name] * g.astype(jnp.float32)).astype(g.dtype)
+            combined = part if combined is None else combined + part
+        return combined, state, metrics
 
 
 def balanced_grads(forward: Callable, params, losses: Mapping[str, Callable], balancer: LossBalancer,
