@@ -12,6 +12,8 @@ from types import ModuleType
 # family name -> module implementing it; the first one is what `streamzoo demo` runs.
 FAMILIES: dict[str, str] = {
     "core": "streamzoo.demos.core_stack",
+    "asr": "streamzoo.zoo.asr.demo",
+    "codec": "streamzoo.zoo.codec.demo",
     "vad": "streamzoo.zoo.vad.demo",
 }
 DEFAULT_FAMILY = "core"
