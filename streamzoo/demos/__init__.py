@@ -14,6 +14,7 @@ FAMILIES: dict[str, str] = {
     "core": "streamzoo.demos.core_stack",
     "asr": "streamzoo.zoo.asr.demo",
     "codec": "streamzoo.zoo.codec.demo",
+    "lm": "streamzoo.zoo.lm.demo",
     "vad": "streamzoo.zoo.vad.demo",
 }
 DEFAULT_FAMILY = "core"

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from streamzoo.zoo.asr.beam_search import Lexicon, ctc_beam_search
+from streamzoo.zoo.asr.beam_search import CTCPrefixBeamSearch, Lexicon
 from streamzoo.zoo.asr.model import (ASRModel, StreamingRecognizer, audio_batch, offline_logits,
                                      transcribe)
 from streamzoo.zoo.asr.text import (char_error_rate, decode, encode, normalize,
@@ -33,10 +33,12 @@ from streamzoo.zoo.asr.text import (char_error_rate, decode, encode, normalize,
 
 
 def stream_texts(model: ASRModel, audios, latency=None, *, batch_size: int = 16,
-                 chunk_samples: int | None = None) -> list[str]:
-    """Greedy transcripts of `audios` streamed chunk by chunk, `batch_size` streams at once
-    (each row's valid samples per chunk are its own; rows that ended push nothing)."""
-    rec = StreamingRecognizer(model, latency, chunk_samples=chunk_samples, batch_size=batch_size)
+                 chunk_samples: int | None = None, beam_search=None) -> list[str]:
+    """Transcripts of `audios` streamed chunk by chunk, `batch_size` streams at once (each
+    row's valid samples per chunk are its own; rows that ended push nothing); greedy, or by
+    `beam_search` (a `CTCPrefixBeamSearch`) fed the streamed logits."""
+    rec = StreamingRecognizer(model, latency, chunk_samples=chunk_samples, batch_size=batch_size,
+                              beam_search=beam_search)
     c = rec.chunk_samples
     out = []
     for i in range(0, len(audios), batch_size):
@@ -63,16 +65,21 @@ def snap_to_lexicon(text: str, words) -> str:
                     for w in text.split())
 
 
-def lexicon_texts(model: ASRModel, audios, latency, words, *, beam_size: int = 8,
-                  batch_size: int = 16, multiple: int = 64000) -> list[str]:
-    """Transcripts by CTC prefix beam search constrained to `words` (text) at `latency`."""
+def lexicon_search(model: ASRModel, words, beam_size: int = 8) -> CTCPrefixBeamSearch:
+    """CTC prefix beam search over the model's characters, constrained to `words` (text)."""
     lexicon = Lexicon.from_text(words, encode, separator_id=int(encode(" ")[0]))
+    return CTCPrefixBeamSearch(beam_size, blank_id=model.config.blank_id, token_top_k=6,
+                               lexicon=lexicon)
+
+
+def lexicon_texts(model: ASRModel, audios, latency, search: CTCPrefixBeamSearch, *,
+                  batch_size: int = 16, multiple: int = 64000) -> list[str]:
+    """Offline transcripts by `search` (see `lexicon_search`) at `latency`."""
     texts = []
     for logits, n in offline_logits(model, audios, latency, batch_size=batch_size,
                                     multiple=multiple):
-        nbest = ctc_beam_search(logits, beam_size, blank_id=model.config.blank_id,
-                                token_top_k=6, lexicon=lexicon)
-        texts.extend(decode(row[0].tokens) for row in nbest[:n])
+        state = search.step(search.init(logits.batch_size), logits)
+        texts.extend(decode(tokens) for tokens in search.best(state, final=True)[:n])
     return texts
 
 
@@ -108,12 +115,22 @@ def evaluate_model(model: ASRModel, records, *, latencies=None, stream: bool = T
                 refs, [snap_to_lexicon(h, lexicon) for h in hyps])
             if beam_size:
                 t0 = time.perf_counter()
-                beamed = lexicon_texts(model, audios, lat, lexicon, beam_size=beam_size,
-                                       batch_size=batch_size, multiple=multiple)
+                search = lexicon_search(model, lexicon, beam_size)
+                beamed = lexicon_texts(model, audios, lat, search, batch_size=batch_size,
+                                       multiple=multiple)
                 row["lexicon_beam"] = {"beam_size": beam_size,
                                        "wer": word_error_rate(refs, beamed),
                                        "cer": char_error_rate(refs, beamed),
+                                       "sentence_accuracy": float(np.mean(
+                                           [h == r for h, r in zip(beamed, refs)])),
                                        "seconds": time.perf_counter() - t0}
+                if stream:
+                    streamed = stream_texts(model, audios, lat, batch_size=batch_size,
+                                            beam_search=search)
+                    row["lexicon_beam"]["stream_equals_offline"] = float(np.mean(
+                        [s == h for s, h in zip(streamed, beamed)]))
+                row["lexicon_beam"]["examples"] = [{"ref": r, "hyp": h}
+                                                   for r, h in list(zip(refs, beamed))[:5]]
         if stream:
             t0 = time.perf_counter()
             streamed = stream_texts(model, audios, lat, batch_size=batch_size)
@@ -129,18 +146,24 @@ def evaluate_model(model: ASRModel, records, *, latencies=None, stream: bool = T
 
 
 def format_table(report: dict) -> str:
+    beam = any("lexicon_beam" in r for r in report["results"])
     lines = ["| chunk | look-ahead | left | WER | CER | utterance acc. | stream == offline "
-             "| lexicon beam WER | lexicon beam CER |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + ("| lexicon beam WER | lexicon beam CER | lexicon beam stream == offline |"
+                if beam else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if beam else "")]
     for r in report["results"]:
         eq, lb = r.get("stream_equals_offline"), r.get("lexicon_beam")
         lb_wer = "-" if lb is None else f"{100 * lb['wer']:.1f}%"
         lb_cer = "-" if lb is None else f"{100 * lb['cer']:.1f}%"
+        if lb is not None and "stream_equals_offline" in lb:
+            lb_cer += f" | {100 * lb['stream_equals_offline']:.1f}%"
+        elif lb is not None:
+            lb_cer += " | -"
         lines.append(f"| {r['chunk_ms']:.0f} ms | {r['lookahead_ms']:.0f} ms | {r['left_ms']:.0f} ms "
                      f"| {100 * r['wer']:.1f}% | {100 * r['cer']:.1f}% "
                      f"| {100 * r['sentence_accuracy']:.1f}% "
                      f"| {'-' if eq is None else f'{100 * eq:.1f}%'} "
-                     f"| {lb_wer} | {lb_cer} |")
+                     + (f"| {lb_wer} | {lb_cer} |" if beam else ""))
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from flax import nnx
 
 from streamzoo.core.seq import Seq
 from streamzoo.core.streamer import StreamLayer
+from streamzoo.zoo.asr.beam_search import CTCPrefixBeamSearch
 from streamzoo.zoo.asr.conformer import AtLatency, Latency, latency_arg
 from streamzoo.zoo.asr.ctc import CTCGreedyDecoder, CTCHead
 from streamzoo.zoo.asr.encoder import ConformerConfig, ConformerEncoder
@@ -238,7 +239,7 @@ def _recognizer_step(model, decoder, carry, x: Seq):
     enc_carry, dec_carry = carry
     enc_carry, logits = model.step(enc_carry, x)
     dec_carry, tokens = decoder.step(dec_carry, logits)
-    return (enc_carry, dec_carry), tokens
+    return (enc_carry, dec_carry), tokens, logits
 
 
 @jax.jit
@@ -246,21 +247,26 @@ def _recognizer_flush(model, decoder, carry):
     enc_carry, dec_carry = carry
     enc_carry, logits = model.flush(enc_carry)
     dec_carry, tokens = decoder.step(dec_carry, logits)
-    return (enc_carry, dec_carry), tokens
+    return (enc_carry, dec_carry), tokens, logits
 
 
 class StreamingRecognizer:
-    """Chunk-by-chunk greedy CTC transcription of `batch_size` streams at `latency`.
+    """Chunk-by-chunk CTC transcription of `batch_size` streams at `latency`.
 
     `push(chunk)` takes `[B, n]` (or `[n]` for one stream) float samples with n <=
     `chunk_samples` (a multiple of the model's 640-sample frame; shorter chunks are padded
     with invalid frames, so one compiled step serves all) and returns the newly decoded text
     of each stream; `finish()` flushes the look-ahead and returns the rest. `text` holds the
     transcript so far, `timings` the seconds each push/finish took (compute only).
+
+    Decoding is greedy (prefix-stable: text only grows). With `beam_search` (a
+    `CTCPrefixBeamSearch`, e.g. lexicon-constrained) the same logits also feed the beam on
+    the host, and `text` is the beam's best hypothesis, which may revise earlier words until
+    `finish()`; `push`/`finish` then return the whole current transcript of each stream.
     """
 
     def __init__(self, model: ASRModel, latency=None, *, chunk_samples: int | None = None,
-                 batch_size: int = 1):
+                 batch_size: int = 1, beam_search=None):
         self.model = model if latency is None else model.with_latency(latency)
         self.latency = self.model.latency
         spf = model.samples_per_frame
@@ -271,6 +277,13 @@ class StreamingRecognizer:
         self.chunk_samples = chunk_samples
         self.batch_size = batch_size
         self.decoder = CTCGreedyDecoder(model.config.vocab_size, blank_id=model.config.blank_id)
+        if beam_search is not None and not isinstance(beam_search, CTCPrefixBeamSearch):
+            raise ValueError(f"beam_search: expected a CTCPrefixBeamSearch or None, got "
+                             f"{type(beam_search).__name__}")
+        if beam_search is not None and beam_search.blank_id != model.config.blank_id:
+            raise ValueError(f"beam_search: expected blank_id {model.config.blank_id} (the "
+                             f"model's), got {beam_search.blank_id}")
+        self.beam_search = beam_search
         self.reset()
 
     def reset(self) -> None:
@@ -278,18 +291,25 @@ class StreamingRecognizer:
                       self.decoder.init_carry(self.batch_size))
         self.tokens: list[list[int]] = [[] for _ in range(self.batch_size)]
         self.timings: list[float] = []
+        self.beam_state = None if self.beam_search is None else self.beam_search.init(self.batch_size)
+        self.finished = False
 
     @property
     def text(self) -> list[str]:
+        if self.beam_search is not None:
+            return [decode(t) for t in self.beam_search.best(self.beam_state, self.finished)]
         return [decode(t) for t in self.tokens]
 
-    def _collect(self, tokens: Seq) -> list[str]:
+    def _collect(self, tokens: Seq, logits: Seq) -> list[str]:
         values, mask = np.asarray(tokens.values), np.asarray(tokens.mask)
         new = []
         for b in range(self.batch_size):
             ids = [int(v) for v in values[b][mask[b]] if v >= 0]
             self.tokens[b].extend(ids)
             new.append(decode(ids))
+        if self.beam_search is not None:
+            self.beam_state = self.beam_search.step(self.beam_state, logits)
+            return self.text
         return new
 
     def push(self, chunk, lengths=None) -> list[str]:
@@ -305,17 +325,18 @@ class StreamingRecognizer:
         values[:, :n, 0] = chunk
         x = Seq.from_lengths(values, lengths)
         t0 = time.perf_counter()
-        self.carry, tokens = _recognizer_step(self.model, self.decoder, self.carry, x)
+        self.carry, tokens, logits = _recognizer_step(self.model, self.decoder, self.carry, x)
         tokens = jax.block_until_ready(tokens)
         self.timings.append(time.perf_counter() - t0)
-        return self._collect(tokens)
+        return self._collect(tokens, logits)
 
     def finish(self) -> list[str]:
         t0 = time.perf_counter()
-        self.carry, tokens = _recognizer_flush(self.model, self.decoder, self.carry)
+        self.carry, tokens, logits = _recognizer_flush(self.model, self.decoder, self.carry)
         tokens = jax.block_until_ready(tokens)
         self.timings.append(time.perf_counter() - t0)
-        return self._collect(tokens)
+        self.finished = True
+        return self._collect(tokens, logits)
 
 
 def stream_transcribe(model: ASRModel, audio, latency=None, *, chunk_samples: int | None = None,

@@ -82,7 +82,7 @@ def load_pretrained(path: str | None = None) -> ASRModel:
                              f"export_pretrained), got none")
     with open(js) as f:
         config = ASRConfig.from_dict(json.load(f)["model"])
-    model = ASRModel(config, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: ASRModel(config, rngs=nnx.Rngs(0)))  # no random init
     with np.load(npz) as data:
         load_state_arrays(model, dict(data))
     return model

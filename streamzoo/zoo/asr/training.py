@@ -53,6 +53,8 @@ DEFAULTS = {
     "audio_multiple_s": 1.28,
     "token_multiple": 64,
     "eval_utterances": 64,
+    "lead_s": 0.0,                  # random leading silence up to this many seconds, and
+    "dither_db": None,              # [lo, hi]: white noise at a random level in dBFS (None: off)
     "init_weights": None,           # a checkpoint stem (export_pretrained) or "pretrained" to
                                     # fine-tune; its architecture must match the config's
 }
@@ -88,18 +90,44 @@ def load_corpus(args: dict, progress: bool = True):
                                   progress=progress)
 
 
+def delay_rows(key, audio, lengths, max_samples: int):
+    """Each row's audio delayed by a random 0..`max_samples` samples of digital silence (at most
+    the row's padding, so nothing is cut); returns the new audio and lengths. Real recordings
+    start before the speech does, while espeak-ng's start on it."""
+    batch, total = audio.shape
+    room = jnp.minimum(total - lengths, max_samples)
+    shift = jnp.floor(jax.random.uniform(key, (batch,)) * (room + 1)).astype(jnp.int32)
+    index = jnp.arange(total)[None, :] - shift[:, None]
+    delayed = jnp.where(index >= 0, jnp.take_along_axis(audio, jnp.maximum(index, 0), axis=1), 0)
+    return delayed.astype(audio.dtype), lengths + shift
+
+
+def add_dither(key, audio, lengths, level_db):
+    """White noise over each row's valid samples at a random level in `level_db` = (lo, hi) dBFS."""
+    k_level, k_noise = jax.random.split(key)
+    db = jax.random.uniform(k_level, (audio.shape[0], 1), minval=level_db[0], maxval=level_db[1])
+    noise = jax.random.normal(k_noise, audio.shape) * 10.0 ** (db / 20.0)
+    valid = jnp.arange(audio.shape[1])[None, :] < lengths[:, None]
+    return (audio + jnp.where(valid, noise, 0.0)).astype(audio.dtype)
+
+
 def asr_loss(model: ASRModel, batch: dict, rng, *, latency_probs=None, delay_penalty=0.0,
-             gain_db=0.0):
-    """Per-token CTC loss of a padded speech batch; with `rng` (training) a sampled latency and
-    a random gain, without it (evaluation) the model's own latency and no gain."""
+             gain_db=0.0, lead_samples: int = 0, dither_db=None):
+    """Per-token CTC loss of a padded speech batch; with `rng` (training) a sampled latency, a
+    random gain, leading silence and dither, without it (evaluation) the model's own latency
+    and the audio as it is."""
     audio = jnp.asarray(batch["audio"])
     lengths = jnp.asarray(batch["audio_lengths"])
     if rng is not None:
-        k_lat, k_gain = jax.random.split(rng)
+        k_lat, k_gain, k_lead, k_noise = jax.random.split(rng, 4)
         index = model.encoder.sample_latency(k_lat, latency_probs)
         if gain_db:
             db = jax.random.uniform(k_gain, (audio.shape[0], 1), minval=-gain_db, maxval=gain_db)
             audio = audio * (10.0 ** (db / 20.0)).astype(audio.dtype)
+        if lead_samples:
+            audio, lengths = delay_rows(k_lead, audio, lengths, lead_samples)
+        if dither_db is not None:
+            audio = add_dither(k_noise, audio, lengths, dither_db)
     else:
         index = 0
     x = Seq.from_lengths(audio[..., None], lengths)
@@ -161,8 +189,11 @@ def asr_task(config: TrainConfig) -> TrainTask:
                 for b in range(min(n, config.eval_batches))]
 
     probs = args["latency_probs"]
+    dither = args["dither_db"]
     loss = functools.partial(asr_loss, latency_probs=None if probs is None else tuple(probs),
-                             delay_penalty=args["delay_penalty"], gain_db=args["gain_db"])
+                             delay_penalty=args["delay_penalty"], gain_db=args["gain_db"],
+                             lead_samples=int(args["lead_s"] * 16000),
+                             dither_db=None if dither is None else tuple(dither))
     return TrainTask(model, loss, train, eval_data)
 
 
@@ -181,12 +212,14 @@ register_config("asr", "small", num_steps=1000, batch_size=16, warmup_steps=80,
                 model_args={"d_model": 96, "num_layers": 3, "num_heads": 4,
                             "latency_probs": [0.45, 0.4, 0.15], "audio_multiple_s": 3.84})
 # The shipped checkpoint's second stage: `small` resumed from its exported weights with a
-# fresh, lower schedule (the first stage was cut at step 750 of 1000 by a session limit).
+# fresh, lower schedule (the first stage was cut at step 750 of 1000 by a session limit), and
+# with leading silence and dither, so speech that does not start at sample 0 is transcribed.
 register_config("asr", "small-finetune", num_steps=1500, batch_size=16, warmup_steps=50,
                 learning_rate=1.5e-3, end_lr_ratio=0.03, weight_decay=1e-3, clip_norm=5.0,
                 eval_every=0, eval_batches=2, save_every=50, max_to_keep=2, log_every=10,
                 seed=1, model_args={"d_model": 96, "num_layers": 3, "num_heads": 4,
                                     "latency_probs": [0.45, 0.4, 0.15], "audio_multiple_s": 3.84,
+                                    "lead_s": 0.4, "dither_db": [-70.0, -40.0],
                                     "init_weights": "pretrained"})
 # A larger model for a longer run (e.g. on an accelerator).
 register_config("asr", "medium", num_steps=6000, batch_size=32, warmup_steps=300,

@@ -354,7 +354,8 @@ class CodecDecoder(StreamLayer):
     """Codes `[B, m, num_quantizers]` int32 -> audio `[B, m * hop, 1]` float32.
 
     Made by `Codec.decoder()`; `num_quantizers` may be fewer than the codec has (a lower
-    bitrate: the first codebooks only). Codes outside the codebook are clipped.
+    bitrate: the first codebooks only). Code -1 marks an inactive codebook (adds nothing, as
+    quantizer dropout trains); other codes outside the codebook are clipped.
     """
 
     def __init__(self, quantizer, transformer, net: Serial, num_quantizers: int):

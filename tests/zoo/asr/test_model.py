@@ -88,6 +88,23 @@ def test_streamed_transcripts_equal_offline(model):
                                                                      multiple=640)[0]
 
 
+def test_streamed_lexicon_beam_equals_offline(model):
+    """The recognizer's beam search, fed streamed logits, gives the offline beam's transcripts,
+    and with a lexicon every final transcript is made of lexicon words."""
+    from streamzoo.zoo.asr.evaluate import lexicon_search, lexicon_texts
+
+    rng = np.random.default_rng(1)
+    audios = [rng.standard_normal(n).astype(np.float32) * 0.2 for n in (900, 420, 1300)]
+    words = ["a", "at", "tea", "eat", "ate", "tee", "e", "ta"]
+    search = lexicon_search(model, words, beam_size=4)
+    offline = lexicon_texts(model, audios, None, search, batch_size=2, multiple=640)
+    streamed = stream_texts(model, audios, batch_size=2, beam_search=search)
+    assert streamed == offline
+    assert all(w in words for text in offline for w in text.split())
+    with pytest.raises(ValueError, match="beam_search"):
+        StreamingRecognizer(model, beam_search="beam")
+
+
 def test_recognizer_rejects_bad_chunks(model):
     with pytest.raises(ValueError, match="chunk_samples"):
         StreamingRecognizer(model, chunk_samples=100)

@@ -14,18 +14,54 @@ from streamzoo.train.configs import CONFIGS, load_config, load_families
 from streamzoo.zoo.asr.encoder import count_params
 from streamzoo.zoo.asr.model import ASRModel
 from streamzoo.zoo.asr.text import encode_batch
-from streamzoo.zoo.asr.training import DEFAULTS, asr_loss, model_config
+from streamzoo.zoo.asr.training import (DEFAULTS, add_dither, asr_loss, delay_rows, init_weights,
+                                        model_config)
 
 
 def test_configs_registered():
     load_families()
-    assert {"tiny", "small", "medium"} <= set(CONFIGS["asr"])
+    assert {"tiny", "small", "small-finetune", "medium"} <= set(CONFIGS["asr"])
     small = load_config("asr", "small")
     args = {**DEFAULTS, **small.model_args}
     model = nnx.eval_shape(lambda: ASRModel(model_config(args), rngs=nnx.Rngs(0)))
     assert count_params(model) < 2_500_000
     assert [l.as_tuple() for l in model.latencies] == [(4, 32, 0), (4, 32, 2), (4, 32, 12)]
     assert model.config.encoder.frame_ms == 40.0
+
+
+def test_delay_rows_moves_each_row_within_its_padding(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    lengths = jax.numpy.array([40, 25, 9, 33])
+    audio = jax.random.normal(k1, (4, 40))
+    audio = jax.numpy.where(jax.numpy.arange(40)[None] < lengths[:, None], audio, 0.0)
+    delayed, new_lengths = delay_rows(k2, audio, lengths, max_samples=12)
+    shifts = np.asarray(new_lengths - lengths)
+    assert shifts[0] == 0 and np.all(shifts >= 0) and np.all(shifts <= np.minimum(40 - lengths, 12))
+    assert shifts.sum() > 0
+    for b, s in enumerate(shifts):
+        n = int(lengths[b])
+        np.testing.assert_array_equal(delayed[b, s:s + n], audio[b, :n])  # nothing cut or changed
+        assert np.all(delayed[b, :s] == 0) and np.all(delayed[b, s + n:] == 0)
+    noisy = add_dither(k3, delayed, new_lengths, (-30.0, -20.0))
+    valid = np.arange(40)[None] < np.asarray(new_lengths)[:, None]
+    assert np.all(np.asarray(noisy)[~valid] == 0)  # padding stays silent
+    rms = np.sqrt(np.mean((np.asarray(noisy - delayed)[valid]) ** 2))
+    assert 10 ** (-31 / 20) < rms < 10 ** (-19 / 20)
+
+
+def test_init_weights_loads_the_shipped_checkpoint_and_rejects_another_config():
+    from streamzoo.zoo.asr.pretrained import load_pretrained
+
+    small = {**DEFAULTS, **CONFIGS["asr"]["small"]["model_args"]}
+    model = nnx.eval_shape(lambda: ASRModel(model_config(small), rngs=nnx.Rngs(3)))
+    init_weights(model, "pretrained")
+    shipped = nnx.state(load_pretrained())
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(shipped)):
+        np.testing.assert_array_equal(a, b)
+    tiny = ASRModel(model_config({**DEFAULTS, **CONFIGS["asr"]["tiny"]["model_args"]}),
+                    rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="init_weights"):
+        init_weights(tiny, "pretrained")
 
 
 def test_loss_samples_latency_and_is_finite():

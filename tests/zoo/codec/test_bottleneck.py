@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import streamzoo as sz
@@ -30,6 +31,7 @@ def test_transformer_stream_contract(key):
     assert_stream_contract(block, x, num_partitions=1, skip=("gradients", "checkpoint"))
 
 
+@pytest.mark.slow  # ~1.5 CPU-min; the transformer's own contract runs by default above
 def test_codec_halves_with_transformer(key):
     codec = make_codec(WITH_TRANSFORMER)
     assert codec.encoder_transformer is not None and codec.decoder_transformer is not None

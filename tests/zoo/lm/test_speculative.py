@@ -97,10 +97,18 @@ def run(models, policy, variant):
 
 CASES = [("full", "draft"), ("full", "ngram"), ("sinks_window", "draft"),
          ("sinks_window", "self"), ("sinks_window", "ngram")]
+DEFAULT_CASES = {("full", "draft"), ("sinks_window", "ngram"), ("sinks_window", "self")}
+
+
+def cases(keep=lambda policy, variant: True):
+    """CASES as pytest params; those outside DEFAULT_CASES only run with `-m slow` (each case
+    compiles its own decode loop: ~1 CPU-minute)."""
+    return [pytest.param(*c, marks=() if c in DEFAULT_CASES else pytest.mark.slow,
+                         id=f"{c[0]}-{c[1]}") for c in CASES if keep(*c)]
 
 
 # ---------------------------------------------------------------------------- greedy
-@pytest.mark.parametrize("policy,variant", CASES)
+@pytest.mark.parametrize("policy,variant", cases())
 def test_greedy_rows_equal_plain_decoding(models, policy, variant):
     r = run(models, policy, variant)
     state, got = r["state"], r["got"]
@@ -163,7 +171,7 @@ def assert_cache_equals(spec_carry, ref_carry, model):
             assert kept <= set(slots[layer, row].tolist()), (layer, row)
 
 
-@pytest.mark.parametrize("policy,variant", [c for c in CASES if c[1] != "self"])
+@pytest.mark.parametrize("policy,variant", cases(lambda policy, variant: variant != "self"))
 def test_caches_after_speculation_equal_plain_decoding_of_the_same_tokens(models, policy,
                                                                             variant):
     r = run(models, policy, variant)
