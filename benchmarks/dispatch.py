@@ -46,7 +46,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 try:
@@ -451,7 +450,7 @@ def markdown(res: dict) -> str:
                 (f"one jitted lax.scan over K={n} steps (sz: `multistep(chunked(x))`)",
                  b["scan_per_step_us"][f"streamzoo jit(multistep) K={n}"],
                  b["scan_per_step_us"][f"sequence-layers jit(lax.scan(step)) K={n}"]),
-                (f"same, sz chunks marked `compact=True` (no per-layer argsort)",
+                ("same, sz chunks marked `compact=True` (no per-layer argsort)",
                  b["scan_per_step_us"][f"streamzoo jit(multistep) K={n}, chunks marked compact"],
                  b["scan_per_step_us"][f"sequence-layers jit(lax.scan(step)) K={n}"]),
             ]

@@ -11,19 +11,15 @@ fails (exit code 1) when that deviation exceeds the tolerance.
 from __future__ import annotations
 
 import argparse
-import io
-import shutil
-import subprocess
 import sys
-import wave
 
 import jax
 import numpy as np
 from flax import nnx
-from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
 from streamzoo.core import Residual, Seq, Serial
+from streamzoo.demos.audio import MissingToolError, synthesize  # noqa: F401 (re-exported)
 from streamzoo.eval.latency import format_table, measure_stream, offline
 from streamzoo.layers.attention import StreamingAttention
 from streamzoo.layers.conv import Conv1D
@@ -48,34 +44,6 @@ QUICK_UTTERANCES = [
     ("en-us", 175, 50, "Stream it."),
     ("en-gb", 150, 35, "Chunk by chunk."),
 ]
-
-
-class MissingToolError(RuntimeError):
-    """A command-line tool the demo needs is not installed."""
-
-
-# ------------------------------------------------------------------------------ audio
-def synthesize(text: str, *, voice: str = "en-us", speed: int = 160, pitch: int = 50,
-               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """`text` spoken by espeak-ng, as float32 mono audio in [-1, 1] at `sample_rate`."""
-    if shutil.which("espeak-ng") is None:
-        raise MissingToolError(
-            "espeak-ng is not installed. The demo streams real synthesised speech and has no "
-            "random-data fallback; install it with:\n"
-            "    sudo apt-get update && sudo apt-get install -y espeak-ng")
-    cmd = ["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), "-p", str(pitch), text]
-    done = subprocess.run(cmd, capture_output=True, check=False)
-    if done.returncode or not done.stdout:
-        raise RuntimeError(f"{' '.join(cmd)!r} failed: {done.stderr.decode(errors='replace')}")
-    # espeak-ng streams its WAV, so the header's frame count is a placeholder: read what is there.
-    with wave.open(io.BytesIO(done.stdout)) as wav:
-        if wav.getsampwidth() != 2:
-            raise RuntimeError(f"espeak-ng: expected 16-bit audio, got {8 * wav.getsampwidth()}-bit")
-        rate, channels = wav.getframerate(), wav.getnchannels()
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
-    audio = pcm.reshape(-1, channels).mean(axis=1) / 32768.0
-    g = np.gcd(sample_rate, rate)
-    return resample_poly(audio, sample_rate // g, rate // g).astype(np.float32)
 
 
 def mel_filterbank(num_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:

@@ -43,7 +43,6 @@ import dataclasses
 import numbers
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 
 POSITION_MODES = ("absolute", "cache")

@@ -8,7 +8,9 @@ kernels on the CPU); `"tpu_interpret"` runs the TPU kernel in the TPU-semantics 
 
 The default for `"auto"` can be changed for a whole program with `default_impl(...)` (a
 context manager) or the `STREAMZOO_KERNEL_IMPL` environment variable, e.g. to benchmark the
-XLA path on a GPU.
+XLA path on a GPU. The override is read while a function is traced and is not part of
+`jax.jit`'s cache key: a function already compiled keeps the implementation it was traced
+with, so switch the default before the first call, or jit a fresh function per setting.
 """
 
 from __future__ import annotations

@@ -518,7 +518,6 @@ def _mosaic_gpu_partials(cfg, q, qs, k, v, slot_pos, lo, hi, entries, count):
             plgpu.barrier_wait(hi_bar.at[0])
             lo = lax.broadcast_in_dim(plgpu.load(lo_smem, (), layout=row_layout), (bm, bk), [0])
             hi = lax.broadcast_in_dim(plgpu.load(hi_smem, (), layout=row_layout), (bm, bk), [0])
-            v_rows = plgpu.broadcasted_iota(jnp.int32, (bk, dim), 0, layout=wgmma_layout)
 
             def scores(a_smem, slot):
                 def body(acc_ref):

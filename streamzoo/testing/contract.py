@@ -149,7 +149,7 @@ def _carry_len(carry) -> int:
 
 # ---------------------------------------------------------------------------- checks
 def _check_partitions(ctx):
-    model, x, spec, block = ctx.model, ctx.x, ctx.spec, ctx.block
+    model, x, block = ctx.model, ctx.x, ctx.block
     want = ctx.offline_rows
     T = x.length
     parts = {"all blocks of size block_size": [block] * (T // block),

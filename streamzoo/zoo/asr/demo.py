@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from streamzoo.demos.audio import MissingToolError, load_wav, synthesize
+
 DESCRIPTION = "streaming Conformer-CTC ASR (shipped checkpoint) transcribing speech chunk by chunk"
 DEFAULT_TEXT = "seven green boat open big door"
 DEFAULT_VOICE = "en-us+m3"  # a voice held out from training (corpus seed 0)
@@ -57,32 +59,9 @@ def _frames(name: str, ms: float, frame_ms: float, minimum: int) -> int:
     return int(round(n))
 
 
-def _read_wav(path: str) -> np.ndarray:
-    import wave
-
-    from scipy.signal import resample_poly
-
-    try:
-        with wave.open(path, "rb") as w:
-            if w.getsampwidth() != 2:
-                raise ValueError(f"--wav: expected 16-bit PCM, got {8 * w.getsampwidth()}-bit in {path}")
-            rate, channels = w.getframerate(), w.getnchannels()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    except (OSError, wave.Error) as err:
-        raise ValueError(f"--wav: cannot read {path!r} as a WAV file ({err})") from None
-    audio = pcm.reshape(-1, channels).mean(axis=1) / 32768.0
-    if rate != 16000:
-        g = np.gcd(rate, 16000)
-        audio = resample_poly(audio, 16000 // g, rate // g)
-    if audio.shape[0] < 640:
-        raise ValueError(f"--wav: expected at least 40 ms of audio, got {audio.shape[0]} samples")
-    return audio.astype(np.float32)
-
-
 def _load_audio(args) -> tuple[np.ndarray, str]:
     if args.wav:
-        return _read_wav(args.wav), args.wav
-    from streamzoo.demos.core_stack import MissingToolError, synthesize
+        return load_wav(args.wav, min_samples=640), args.wav
 
     try:
         speech = synthesize(args.text, voice=args.voice, speed=160, pitch=50)

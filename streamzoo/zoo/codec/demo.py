@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamzoo.core.seq import Seq
+from streamzoo.demos.audio import load_wav
 
 DESCRIPTION = "the trained streaming codec (checked-in weights): encode + decode live, write a WAV"
 SAMPLE_RATE = 16_000
@@ -207,7 +208,7 @@ def algorithmic_latency(spec) -> int:
 # -------------------------------------------------------------------------------- audio
 def _load_audio(args, meta) -> tuple[np.ndarray, str]:
     if args.wav:
-        return _read_wav(args.wav), args.wav
+        return load_wav(args.wav), args.wav
     audio = synthesize(TEXT, VOICE, SPEED, PITCH)
     voices = _training_voices(meta)
     seen = "" if voices is None else (" (a voice NOT in the training split)"
@@ -252,27 +253,6 @@ def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
 
     pcm, rate = _parse_espeak_wav(raw.stdout)
     return _resample_int16(pcm, rate, SAMPLE_RATE).astype(np.float32) / 32768.0
-
-
-def _read_wav(path: str) -> np.ndarray:
-    try:
-        with wave.open(path, "rb") as w:
-            if w.getsampwidth() != 2:
-                raise ValueError(f"--wav: expected 16-bit PCM, got {8 * w.getsampwidth()}-bit "
-                                 f"in {path}")
-            rate, channels = w.getframerate(), w.getnchannels()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    except (OSError, wave.Error) as err:
-        raise ValueError(f"--wav: cannot read {path!r} as a WAV file ({err})") from None
-    audio = pcm.reshape(-1, channels).mean(axis=1) / 32768.0
-    if rate != SAMPLE_RATE:
-        from scipy.signal import resample_poly
-
-        g = np.gcd(rate, SAMPLE_RATE)
-        audio = resample_poly(audio, SAMPLE_RATE // g, rate // g)
-    if audio.shape[0] < 1:
-        raise ValueError(f"--wav: expected at least one sample, got none in {path}")
-    return audio.astype(np.float32)
 
 
 def _write_wav(path: str, samples: np.ndarray) -> None:

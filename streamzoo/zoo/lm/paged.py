@@ -94,7 +94,7 @@ def _add_refs(ref_count, pages, delta):
 
 def reserve(cache: PagedCache, counts) -> PagedCache:
     """Pages for `counts [B]` more tokens per row, copying a shared partial last page first."""
-    size, (batch, per_row) = cache.page_size, cache.page_table.shape
+    size, per_row = cache.page_size, cache.page_table.shape[1]
     table, ref = cache.page_table, cache.ref_count
     have = _ceil_div(cache.lengths, size)                     # pages in use
     want = _ceil_div(cache.lengths + counts, size)            # pages needed after the write

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import wave
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from streamzoo.core.seq import Seq
+from streamzoo.demos.audio import MissingToolError, load_wav, synthesize
 from streamzoo.zoo.vad.segments import SegmentConfig, SegmentTracker
 from streamzoo.zoo.vad.silero import CHUNK, CONTEXT, SAMPLE_RATE, SileroVAD, wheel_data_dir
 
@@ -121,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ audio
 def _load_audio(args) -> tuple[np.ndarray, list[tuple[int, int]], str]:
     if args.wav:
-        return _read_wav(args.wav), [], args.wav
-    from streamzoo.demos.core_stack import MissingToolError, synthesize
+        return load_wav(args.wav, min_samples=CHUNK), [], args.wav
 
     rng = np.random.default_rng(args.seed)
     try:
@@ -148,28 +147,6 @@ def _trim(x: np.ndarray, offset: int) -> tuple[int, int]:
     """Sample range of x (placed at offset) without espeak-ng's own leading/trailing silence."""
     loud = np.nonzero(np.abs(x) > 0.01)[0]
     return (offset + int(loud[0]), offset + int(loud[-1]) + 1) if loud.size else (offset, offset)
-
-
-def _read_wav(path: str) -> np.ndarray:
-    from scipy.signal import resample_poly
-
-    try:
-        with wave.open(path, "rb") as w:
-            if w.getsampwidth() != 2:
-                raise ValueError(f"--wav: expected 16-bit PCM, got {8 * w.getsampwidth()}-bit "
-                                 f"in {path}")
-            rate, channels = w.getframerate(), w.getnchannels()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    except (OSError, wave.Error) as err:
-        raise ValueError(f"--wav: cannot read {path!r} as a WAV file ({err})") from None
-    audio = pcm.reshape(-1, channels).mean(axis=1) / 32768.0
-    if rate != SAMPLE_RATE:
-        g = np.gcd(rate, SAMPLE_RATE)
-        audio = resample_poly(audio, SAMPLE_RATE // g, rate // g)
-    if audio.shape[0] < CHUNK:
-        raise ValueError(f"--wav: expected at least {CHUNK} samples at 16 kHz, got "
-                         f"{audio.shape[0]} in {path}")
-    return audio.astype(np.float32)
 
 
 # ------------------------------------------------------------------------ streaming
