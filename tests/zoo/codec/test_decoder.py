@@ -15,7 +15,12 @@ from tests.zoo.codec.common import codes, make_codec
 def test_stream_contract(key):
     dec = make_codec().decoder()
     assert dec.spec.output_ratio == 4 and dec.spec.block_size == 1
-    assert_stream_contract(dec, codes(key), num_partitions=2)
+    assert_stream_contract(dec, codes(key), num_partitions=1, checks=("partitions", "flush", "batch"))
+
+
+@pytest.mark.slow  # ~50 CPU-s; the default run checks partitions, flush and batch above
+def test_full_stream_contract(key):
+    assert_stream_contract(make_codec().decoder(), codes(key), num_partitions=2)
 
 
 def test_lengths_and_streaming(key):

@@ -23,7 +23,12 @@ def test_stream_contract(key):
     assert spec.block_size == 4 and spec.output_ratio == Fraction(1, 4)
     assert [spec.offline_length(n) for n in LENGTHS] == [6, 5, 2]  # ceil(n / hop)
     assert [spec.outputs_after(n) for n in LENGTHS] == [6, 4, 1]   # whole frames before flush
-    assert_stream_contract(enc, x, num_partitions=2)
+    assert_stream_contract(enc, x, num_partitions=1, checks=("partitions", "flush", "batch"))
+
+
+@pytest.mark.slow  # ~50 CPU-s; the default run checks partitions, flush and batch above
+def test_full_stream_contract(key):
+    assert_stream_contract(make_codec().encoder(), audio(key), num_partitions=2)
 
 
 def test_codes_offline_and_streamed(key):

@@ -54,6 +54,7 @@ def test_trained_codec_streams_exactly(codec, key):
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.slow  # ~35 CPU-s; notebook 04 streams the same codec live by default
 def test_demo_codes_speech_live(tmp_path, capsys):
     from streamzoo.train.data.speech import espeak_available
     from streamzoo.zoo.codec.demo import run_demo
