@@ -40,9 +40,7 @@ import datetime
 import functools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -101,6 +99,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import streamzoo as sz
 
+from streamzoo.eval.machine import load_average, machine_info  # noqa: E402
 from streamzoo.layers.kv_policies import FullCache, SinksWindow  # noqa: E402
 from streamzoo.zoo.lm import decode  # noqa: E402
 from streamzoo.zoo.lm.model import with_policy  # noqa: E402
@@ -111,28 +110,11 @@ GPU_PRESET = {"vocab_size": 258, "features": 1024, "num_layers": 12, "num_heads"
 
 
 def _load():
-    return [round(v, 2) for v in os.getloadavg()]
+    return load_average()
 
 
 def machine() -> dict:
-    from importlib.metadata import version
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = jax.devices()[0]
-    info = {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"),
-            "backend": jax.default_backend(), "device": str(dev), "device_kind": dev.device_kind}
-    try:
-        info["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True,
-                                        timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+    return machine_info()
 
 
 # ---------------------------------------------------------------------------------- model

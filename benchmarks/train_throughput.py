@@ -54,10 +54,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -72,6 +70,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import streamzoo as sz
 
+from streamzoo.eval.machine import load_average  # noqa: E402
+from streamzoo.eval.machine import machine_info as shared_machine_info  # noqa: E402
 from streamzoo.layers.attention import StreamingAttention  # noqa: E402
 from streamzoo.layers.feedforward import FeedForward  # noqa: E402
 from streamzoo.layers.norm import RMSNorm  # noqa: E402
@@ -236,36 +236,11 @@ def measure_peak(size: int, dtype: str, rounds: int, key) -> dict:
 
 
 def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
+    return load_average()
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import version
-
-    dev = jax.devices()[0]
-    info = {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"),
-            "optax": version("optax"), "backend": jax.default_backend(),
-            "device": str(dev), "device_kind": dev.device_kind,
-            "device_count": jax.device_count(), "streamzoo": sz.__version__}
-    try:
-        stats = dev.memory_stats() or {}
-        if "bytes_limit" in stats:
-            info["device_memory_gib"] = round(stats["bytes_limit"] / 2 ** 30, 1)
-    except Exception:  # noqa: BLE001 - not every backend reports memory
-        pass
-    try:
-        info["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True,
-                                        timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+    return {**shared_machine_info("optax"), "streamzoo": sz.__version__}
 
 
 def device_slug() -> str:

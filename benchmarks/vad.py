@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import streamzoo as sz
 
+from streamzoo.eval.machine import load_average, machine_info  # noqa: E402
 from streamzoo.zoo.vad.silero import (CHUNK, CONTEXT, SAMPLE_RATE, SileroVAD,  # noqa: E402
                                       wheel_data_dir)
 
@@ -97,22 +97,13 @@ def _ort_stepper(session, chunks):
 
 
 def _load():
-    return [round(v, 2) for v in os.getloadavg()]
+    return load_average()
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import version
-
-    return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"),
-            "onnxruntime": version("onnxruntime"), "silero-vad": version("silero-vad"),
-            "devices": [str(d) for d in jax.devices()]}
+    info = machine_info("onnxruntime", "silero-vad")
+    info["devices"] = [str(d) for d in jax.devices()]
+    return info
 
 
 def run(args) -> dict:
