@@ -45,15 +45,7 @@ def linear_scan(a, b, h0):
         raise ValueError(f"h0: expected shape {expected} (a without its time axis), got {h0.shape}")
     if a.shape[1] == 0:
         return b, h0
-    b = b.at[:, 0].add(a[:, 0] * h0)
-
-    def compose(first, second):
-        a1, b1 = first
-        a2, b2 = second
-        return a1 * a2, a2 * b1 + b2
-
-    _, h = jax.lax.associative_scan(compose, (a, b), axis=1)
-    return h, h[:, -1]
+    return scan_kernels.associative_linear_scan(a, b, h0)
 
 
 @struct.dataclass

@@ -79,6 +79,15 @@ def linear_scan_reference(a, b, h0, *, lengths):
     h0 = h0.astype(jnp.float32)
     if length == 0:
         return b, h0
+    h, h_last = associative_linear_scan(a, b, h0)
+    return jnp.where(valid, h, 0.0), h_last
+
+
+def associative_linear_scan(a, b, h0):
+    """`h_t = a_t * h_{t-1} + b_t` along axis 1 from `h_{-1} = h0`, for `a, b [B, T >= 1, ...]`:
+    a work-efficient `jax.lax.associative_scan` over `(a, b)` pairs, composed as
+    `(a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2)`. Returns `(h [B, T, ...], h_last [B, ...])`.
+    The core of the reference here and of `layers.linear_recurrence.linear_scan`."""
     b = b.at[:, 0].add(a[:, 0] * h0)
 
     def compose(first, second):
@@ -87,7 +96,7 @@ def linear_scan_reference(a, b, h0, *, lengths):
         return a1 * a2, a2 * b1 + b2
 
     _, h = jax.lax.associative_scan(compose, (a, b), axis=1)
-    return jnp.where(valid, h, 0.0), h[:, -1]
+    return h, h[:, -1]
 
 
 class _ScanPlan:

@@ -16,21 +16,7 @@ from flax import nnx
 import streamzoo as sz
 from streamzoo.layers.conv import Conv1D
 from streamzoo.pallas_kernels import causal_depthwise_conv as dw
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative to the output's scale
-
-
-def call(fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` as one jitted program (cached per function and static options):
-    eager calls would compile every primitive separately, which dominates CPU test time."""
-    static = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, jax.Array)))
-    arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
-    return _jitted(fn, static)(*args, **arrays)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted(fn, static):
-    return jax.jit(functools.partial(fn, **dict(static)))
+from tests.pallas_kernels.common import TOL, call
 
 # (B, T, C, K, dilation, S, dtype, lengths, block_t): S > span, K = 1, several time blocks.
 CASES = {

@@ -18,21 +18,7 @@ import streamzoo as sz
 from streamzoo.layers.linear_recurrence import LinearRecurrence
 from streamzoo.layers.linear_recurrence import linear_scan as layer_linear_scan
 from streamzoo.pallas_kernels import linear_scan as ls
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative to the output's scale
-
-
-def call(fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` as one jitted program (cached per function and static options):
-    eager calls would compile every primitive separately, which dominates CPU test time."""
-    static = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, jax.Array)))
-    arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
-    return _jitted(fn, static)(*args, **arrays)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted(fn, static):
-    return jax.jit(functools.partial(fn, **dict(static)))
+from tests.pallas_kernels.common import TOL, call
 
 
 def assert_close(got, want, dtype, what):
