@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from streamzoo.core import Residual, Seq, Serial
 from streamzoo.demos.audio import MissingToolError, synthesize  # noqa: F401 (re-exported)
+from streamzoo.demos.options import positive_int
 from streamzoo.eval.latency import format_table, measure_stream, offline
 from streamzoo.layers.attention import StreamingAttention
 from streamzoo.layers.conv import Conv1D
@@ -115,13 +116,6 @@ def describe(model) -> str:
 
 
 # ------------------------------------------------------------------------------ CLI
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _width(text: str) -> int:
     value = int(text)
     if value < 8 or value % 8:
@@ -130,7 +124,7 @@ def _width(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chunk-sizes", type=_positive_int, nargs="+", default=None, metavar="FRAMES",
+    parser.add_argument("--chunk-sizes", type=positive_int, nargs="+", default=None, metavar="FRAMES",
                         help="chunk sizes to stream with, in 10 ms frames (default: 1 4 16; "
                              "with --quick: 1 8)")
     parser.add_argument("--width", type=_width, default=None,

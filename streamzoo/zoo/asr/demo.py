@@ -17,17 +17,11 @@ import sys
 import numpy as np
 
 from streamzoo.demos.audio import MissingToolError, load_wav, synthesize
+from streamzoo.demos.options import positive_float, standalone
 
 DESCRIPTION = "streaming Conformer-CTC ASR (shipped checkpoint) transcribing speech chunk by chunk"
 DEFAULT_TEXT = "seven green boat open big door"
 DEFAULT_VOICE = "en-us+m3"  # a voice held out from training (corpus seed 0)
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", default=DEFAULT_VOICE,
                         help=f"espeak-ng voice without --wav (default: {DEFAULT_VOICE}, unseen "
                              "in training)")
-    parser.add_argument("--chunk-ms", type=_positive_float, default=160.0,
+    parser.add_argument("--chunk-ms", type=positive_float, default=160.0,
                         help="audio per streaming step, a multiple of 40 ms (default: 160)")
     parser.add_argument("--lookahead-ms", type=float, default=0.0,
                         help="peeked look-ahead, a multiple of 40 ms; trained: 0, 80, 480 "
@@ -129,10 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamzoo demo asr", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`streamzoo demo asr [options]` as a function of its arguments; returns the exit code."""
+    return standalone(sys.modules[__name__], "asr", argv)
 
 
 if __name__ == "__main__":

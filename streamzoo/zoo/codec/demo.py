@@ -27,6 +27,7 @@ import numpy as np
 
 from streamzoo.core.seq import Seq
 from streamzoo.demos.audio import load_wav
+from streamzoo.demos.options import positive_int, standalone
 
 DESCRIPTION = "the trained streaming codec (checked-in weights): encode + decode live, write a WAV"
 SAMPLE_RATE = 16_000
@@ -43,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="codec_reconstruction.wav",
                         help="where to write the reconstruction (default: "
                              "codec_reconstruction.wav)")
-    parser.add_argument("--codebooks", type=_positive_int, default=None,
+    parser.add_argument("--codebooks", type=positive_int, default=None,
                         help="codebooks to use, 1..8 (default: all; fewer = lower bitrate)")
-    parser.add_argument("--chunk-ms", type=_positive_int, default=20,
+    parser.add_argument("--chunk-ms", type=positive_int, default=20,
                         help="audio per streaming step, a multiple of 20 ms (default: 20)")
     parser.add_argument("--weights", default=None,
                         help="codec .npz (default: the checked-in streamzoo/zoo/codec/weights)")
@@ -55,10 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(argv: list[str] | None = None) -> int:
     """`streamzoo demo codec [options]` as a function of its arguments; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="streamzoo demo codec", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone(sys.modules[__name__], "codec", argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,13 +268,6 @@ def _params(codec):
     from flax import nnx
 
     return nnx.state(codec, nnx.Param)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 if __name__ == "__main__":

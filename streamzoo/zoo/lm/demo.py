@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from streamzoo.demos.options import standalone
+
 DESCRIPTION = ("StreamingLLM decoding (checked-in byte-level LM, sinks + window KV ring) "
                "streamed to stdout, checked against offline")
 WEIGHTS = "lm-small-sink"
@@ -97,10 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`streamzoo demo lm [options]` as a function of its arguments; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="streamzoo demo lm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone(sys.modules[__name__], "lm", argv)
 
 
 # ------------------------------------------------------------------------------------ run

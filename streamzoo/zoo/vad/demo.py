@@ -22,6 +22,7 @@ import numpy as np
 
 from streamzoo.core.seq import Seq
 from streamzoo.demos.audio import MissingToolError, load_wav, synthesize
+from streamzoo.demos.options import positive_int, standalone
 from streamzoo.zoo.vad.segments import SegmentConfig, SegmentTracker
 from streamzoo.zoo.vad.silero import CHUNK, CONTEXT, SAMPLE_RATE, SileroVAD, wheel_data_dir
 
@@ -41,13 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wav", default=None,
                         help="a mono 16-bit WAV file to run on (resampled to 16 kHz); default: "
                              "espeak-ng speech with silence and noise around it")
-    parser.add_argument("--chunks", type=_positive_int, default=1,
+    parser.add_argument("--chunks", type=positive_int, default=1,
                         help="512-sample chunks per streaming step (default: 1, i.e. 32 ms)")
     parser.add_argument("--onset", type=float, default=0.5,
                         help="probability that opens a speech segment (default: 0.5)")
     parser.add_argument("--offset", type=float, default=None,
                         help="probability below which silence counts (default: onset - 0.15)")
-    parser.add_argument("--width", type=_positive_int, default=64,
+    parser.add_argument("--width", type=positive_int, default=64,
                         help="timeline characters per line (default: 64 chunks = 2.05 s)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
@@ -57,10 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(argv: list[str] | None = None) -> int:
     """`streamzoo demo vad [options]` as a function of its arguments; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="streamzoo demo vad", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone(sys.modules[__name__], "vad", argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,13 +233,6 @@ def _carry_bytes(model) -> int:
     from streamzoo.core.drivers import carry_nbytes
 
     return carry_nbytes(model.init_carry(1))
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 if __name__ == "__main__":
