@@ -6,8 +6,9 @@ All in one run, CPU:
 1. **Per-call overhead.** Two 12-layer `Repeat` stacks with trivial compute and a real carry
    per layer (`CumulativeMean`: running sum + count; and `Serial(CumulativeMean,
    Residual(FeedForward))`, which adds 4 parameter leaves), D=8, B=1, T=1, stepped by
-   `jax.jit(model.step)`, by `jax.jit(lambda m, c, x: m.step(c, x))` (module as an argument)
-   and by `jax.jit` of `pure(model)`'s step, against a bare jitted identity over the same
+   `jax.jit(model.step)`, by `jax.jit(lambda m, c, x: m.step(c, x))` (module as an argument),
+   by `jax.jit` of `pure(model)`'s step and by `sz.jit_step(model)` (module split into
+   parameter leaves once), against a bare jitted identity over the same
    carry and x pytrees. Target: <= 2x the identity. Host-side flatten costs are reported too.
 2. **multistep.** Per-chunk cost of `jax.jit(multistep)` over K=64 chunks against one jitted
    `step` call per chunk. Target: <= 1/10.
@@ -155,6 +156,8 @@ def bench_dispatch(args, name: str) -> dict:
                                                       lambda f, c, x: f(model, c, x)),
         "jit(pure(model) step_fn)": _stepper(step_pure, carry, chunks,
                                              lambda f, c, x: f(params, c, x)),
+        "sz.jit_step(model)": _stepper(sz.jit_step(model), carry, chunks,
+                                       lambda f, c, x: f(c, x)),
         "jit(multistep) bound, K=64": _stepper(multi_bound, carry, [xs], lambda f, c, x: f(c, x)),
         "jit(multistep) module arg, K=64": _stepper(multi_arg, carry, [xs],
                                                     lambda f, c, x: f(model, c, x)),
@@ -184,6 +187,7 @@ def bench_dispatch(args, name: str) -> dict:
             "jit(lambda m, c, x: m.step(c, x))":
                 t["jit(lambda m, c, x: m.step(c, x))"]["median_us"] / base,
             "jit(pure(model) step_fn)": t["jit(pure(model) step_fn)"]["median_us"] / base,
+            "sz.jit_step(model)": t["sz.jit_step(model)"]["median_us"] / base,
         },
         "multistep_per_chunk_us": {"bound": per_chunk_bound, "module arg": per_chunk_arg},
         "multistep_per_chunk_over_step": {
@@ -320,6 +324,8 @@ def bench_peers(args, sl, blocks=(1, 4)) -> dict:
                 sz_step_arg, model.init_carry(B), sz_chunks, lambda f, c, x: f(model, c, x)),
             "streamzoo jit(pure step_fn)(params, c, x)": _stepper(
                 sz_step_pure, model.init_carry(B), sz_chunks, lambda f, c, x: f(params_sz, c, x)),
+            "streamzoo sz.jit_step(model)(c, x)": _stepper(
+                sz.jit_step(model), model.init_carry(B), sz_chunks, lambda f, c, x: f(c, x)),
             "streamzoo jit(model.step) (params closed over)": _stepper(
                 sz_step_bound, model.init_carry(B), sz_chunks, lambda f, c, x: f(c, x)),
             "sequence-layers jit(apply step)(params, x, s)": _stepper(
@@ -343,6 +349,7 @@ def bench_peers(args, sl, blocks=(1, 4)) -> dict:
         sz_arg = t["streamzoo jit(lambda m, c, x: m.step(c, x))"]["median_us"]
         sz_pure = t["streamzoo jit(pure step_fn)(params, c, x)"]["median_us"]
         sz_bound = t["streamzoo jit(model.step) (params closed over)"]["median_us"]
+        sz_jit_step = t["streamzoo sz.jit_step(model)(c, x)"]["median_us"]
         sl_arg = t["sequence-layers jit(apply step)(params, x, s)"]["median_us"]
         sl_closed = t["sequence-layers jit(apply step) (params closed over)"]["median_us"]
         sz_scan_us = per_step_scan[f"streamzoo jit(multistep) K={n}"]
@@ -353,6 +360,7 @@ def bench_peers(args, sl, blocks=(1, 4)) -> dict:
             "speedup_sequence_layers_over_streamzoo": {
                 "params as argument (module arg)": sl_arg / sz_arg,
                 "params as argument (pure)": sl_arg / sz_pure,
+                "params as argument (jit_step)": sl_arg / sz_jit_step,
                 "params closed over": sl_closed / sz_bound,
                 "inside lax.scan": sl_scan_us / sz_scan_us,
                 "inside lax.scan, sz chunks compact": sl_scan_us / per_step_scan[
@@ -443,6 +451,9 @@ def markdown(res: dict) -> str:
                  t["sequence-layers jit(apply step)(params, x, s)"]["median_us"]),
                 ("jit, params as argument (sz: `pure`)",
                  t["streamzoo jit(pure step_fn)(params, c, x)"]["median_us"],
+                 t["sequence-layers jit(apply step)(params, x, s)"]["median_us"]),
+                ("jit, params as argument (sz: `jit_step`, leaves split once)",
+                 t["streamzoo sz.jit_step(model)(c, x)"]["median_us"],
                  t["sequence-layers jit(apply step)(params, x, s)"]["median_us"]),
                 ("jit, params closed over",
                  t["streamzoo jit(model.step) (params closed over)"]["median_us"],

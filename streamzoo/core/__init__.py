@@ -1,8 +1,9 @@
 """Core of streamzoo: sequences, stream specs, the Streamer protocol, combinators, drivers."""
 
 from streamzoo.core.combinators import Repeat, Residual, Serial
-from streamzoo.core.drivers import (carry_nbytes, chunked, jitted_apply, jitted_flush, jitted_step,
-                                    multistep, pure, reset_rows, stream, unchunked)
+from streamzoo.core.drivers import (carry_nbytes, chunked, jit_flush, jit_step, jitted_apply,
+                                    jitted_flush, jitted_step, multistep, pure, reset_rows, stream,
+                                    unchunked)
 from streamzoo.core.seq import Seq
 from streamzoo.core.spec import StreamSpec, compose
 from streamzoo.core.streamer import NoCarry, StreamLayer, Streamer, batch_size_of, where_rows
@@ -10,6 +11,6 @@ from streamzoo.core.streamer import NoCarry, StreamLayer, Streamer, batch_size_o
 __all__ = [
     "NoCarry", "Repeat", "Residual", "Seq", "Serial", "StreamLayer", "StreamSpec", "Streamer",
     "batch_size_of", "carry_nbytes", "chunked", "compose", "jitted_apply", "jitted_flush",
-    "jitted_step", "multistep", "pure", "reset_rows",
+    "jitted_step", "jit_flush", "jit_step", "multistep", "pure", "reset_rows",
     "stream", "unchunked", "where_rows",
 ]

@@ -52,6 +52,33 @@ def test_pure_gives_a_plain_pytree_step(model, x):
     np.testing.assert_allclose(y.values, y2.values, atol=1e-6)
 
 
+def test_jit_step_matches_step_and_shares_one_compilation(model, x):
+    want_carry, want = model.step(model.init_carry(2), x)
+    step = sz.jit_step(model)
+    carry, y = step(model.init_carry(2), x)
+    np.testing.assert_allclose(y.values, want.values, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(want_carry)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    _, tail = sz.jit_flush(model)(carry)
+    np.testing.assert_allclose(tail.values, model.flush(carry)[1].values, atol=1e-6)
+    # Another model of the same structure reuses the jitted function, with its own parameters.
+    other = sz.Serial(toy.DepthwiseCausalConv(D, rngs=nnx.Rngs(7)), toy.NextFrameMix(D, rngs=nnx.Rngs(8)))
+    other_step = sz.jit_step(other)
+    _, y_other = other_step(other.init_carry(2), x)
+    np.testing.assert_allclose(y_other.values, other.step(other.init_carry(2), x)[1].values, atol=1e-6)
+    assert not np.allclose(y_other.values, y.values)
+
+
+def test_jit_step_donating_the_carry(model, x):
+    step = sz.jit_step(model, donate_carry=True)
+    carry = model.init_carry(2)
+    for piece in (x.time_slice(0, 4), x.time_slice(4, 12)):
+        carry, _ = step(carry, piece)
+    want, _ = model.step(model.step(model.init_carry(2), x.time_slice(0, 4))[0], x.time_slice(4, 12))
+    for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_lax_scan_over_model_step(model, x):
     carry, ys = jax.lax.scan(model.step, model.init_carry(2), sz.chunked(x, 3))
     assert ys.values.shape == (4, 2, 3, D)

@@ -86,6 +86,22 @@ def l1_loss(pred, target) -> jax.Array:
     return jnp.sum(w * jnp.abs(p - t)) / jnp.maximum(w.sum(), 1.0)
 
 
+def si_sdr_loss(pred, target, eps: float = 1e-8) -> jax.Array:
+    """Negative scale-invariant SDR in dB, averaged over rows (valid samples only; both
+    signals zero-mean). The only reconstruction term that rewards the waveform's phase: the
+    spectral losses see magnitudes, and a small waveform L1 weight barely moves them."""
+    p, t, n = _pair(pred, target)
+    w = (jnp.arange(p.shape[1])[None, :] < n[:, None]).astype(jnp.float32)
+    count = jnp.maximum(w.sum(axis=1, keepdims=True), 1.0)
+    p = w * (p - jnp.sum(w * p, axis=1, keepdims=True) / count)
+    t = w * (t - jnp.sum(w * t, axis=1, keepdims=True) / count)
+    scale = jnp.sum(p * t, axis=1, keepdims=True) / (jnp.sum(t * t, axis=1, keepdims=True) + eps)
+    target_part = scale * t
+    noise = p - target_part
+    ratio = (jnp.sum(target_part ** 2, axis=1) + eps) / (jnp.sum(noise ** 2, axis=1) + eps)
+    return -jnp.mean(10.0 * jnp.log10(ratio))
+
+
 def multi_scale_stft_loss(pred, target, *, fft_sizes: Sequence[int] = DEFAULT_STFT_SIZES,
                           hop_divisor: int = 4, eps: float = 1e-5) -> jax.Array:
     """Sum over scales of spectral convergence `|S_t - S_p|_F / |S_t|_F` plus mean
@@ -321,6 +337,7 @@ class CodecLossWeights:
     l1: float = 0.1
     stft: float = 1.0
     mel: float = 1.0
+    sisdr: float = 0.0   # negative SI-SDR in dB (0: off; the codec_small fine-tune uses it)
     commitment: float = 0.25
     codebook: float = 1.0
 
@@ -329,7 +346,8 @@ def codec_loss(model, batch: Mapping, rng=None, *, weights: CodecLossWeights = C
                fft_sizes: Sequence[int] = DEFAULT_STFT_SIZES,
                mel_scales: Sequence[tuple[int, int]] = DEFAULT_MEL_SCALES):
     """`(loss, aux)` for a `Codec` on `{"audio": [B, S], "audio_lengths": [B]}`: weighted
-    waveform L1 + multi-scale STFT + multi-scale mel + commitment + codebook losses, with
+    waveform L1 + multi-scale STFT + multi-scale mel + negative SI-SDR + commitment + codebook
+    losses, with
     quantizer dropout when `rng` is given. aux holds each term, the active quantizer count
     and `weight` (the number of valid samples)."""
     if "audio" not in batch or "audio_lengths" not in batch:
@@ -344,6 +362,7 @@ def codec_loss(model, batch: Mapping, rng=None, *, weights: CodecLossWeights = C
         "stft": multi_scale_stft_loss(out.audio, x, fft_sizes=fft_sizes),
         "mel": multi_scale_mel_loss(out.audio, x, sample_rate=model.config.sample_rate,
                                     scales=mel_scales),
+        "sisdr": si_sdr_loss(out.audio, x),
         "commitment": out.commitment_loss,
         "codebook": out.codebook_loss,
     }

@@ -27,9 +27,10 @@ metrics and curves.
   discriminator's hinge loss sees `stop_gradient`'ed audio, so each part gets exactly the
   gradient of its own objective from one `jax.grad` of the sum.
 
-Configs: `tiny` (tests: a few steps in seconds), `small` (the checked-in checkpoint, trained
-on a 2-core CPU, no discriminator), `small-gan` and `small-balanced` (the same with the
-discriminator / the balancer; not trained here). `export_pretrained` writes the checked-in
+Configs: `tiny` (tests: a few steps in seconds), `small` (trained on a 2-core CPU, no
+discriminator), `small-sisdr` (fine-tunes `small`'s weights with a negative SI-SDR term, so
+that the waveform and not only its spectrum is reconstructed: the checked-in checkpoint),
+`small-gan` (the same with the discriminator and the balancer; not trained here). `export_pretrained` writes the checked-in
 weights (`streamzoo.zoo.codec.pretrained`).
 """
 
@@ -194,6 +195,10 @@ class CodecTrainingLoss:
                                                     scales=self.mel_scales),
         }
         fixed = {"l1": self.weights.l1, "stft": self.weights.stft, "mel": self.weights.mel}
+        balanced_names = dict(self.balancer.weights) if self.balancer is not None else {}
+        if self.weights.sisdr or "sisdr" in balanced_names:
+            terms["sisdr"] = lambda y: L.si_sdr_loss(as_seq(y), x)
+            fixed["sisdr"] = self.weights.sisdr
         aux = {}
         d_loss = jnp.zeros((), jnp.float32)
         if gan:
@@ -223,6 +228,7 @@ class CodecTrainingLoss:
         aux["loss/commitment"] = out.commitment_loss
         aux["loss/codebook"] = out.codebook_loss
         aux["loss/reconstruction"] = sum(fixed[n] * values[n] for n in ("l1", "stft", "mel"))
+        aux["metric/si_sdr_db"] = -L.si_sdr_loss(as_seq(jax.lax.stop_gradient(y)), x)
         aux["num_quantizers"] = jnp.mean(out.num_active.astype(jnp.float32))
         aux["weight"] = jnp.sum(lengths).astype(jnp.float32)
         return loss, aux
@@ -243,6 +249,7 @@ MODEL_ARG_DEFAULTS = {
     "discriminator": None,       # None, or MultiScaleDiscriminator kwargs ({} for defaults)
     "adversarial": 3.0,
     "feature": 3.0,
+    "init_weights": None,        # fine-tuning: "pretrained" (the checked-in codec) or a .npz path
 }
 
 
@@ -281,6 +288,17 @@ def build_model(args: Mapping, seed: int):
     return CodecWithDiscriminator(codec, disc)
 
 
+def init_weights(codec: Codec, path: str) -> None:
+    """Load a saved codec's weights into `codec` (whose config must match the saved one)."""
+    from streamzoo.zoo.codec.pretrained import load_pretrained
+
+    source = load_pretrained(None if path == "pretrained" else path)
+    if source.config != codec.config:
+        raise ValueError(f"model_args.init_weights: the codec in {path!r} has config "
+                         f"{source.config}, the run's config is {codec.config}")
+    nnx.update(codec, nnx.state(source, nnx.Param))
+
+
 @register_model("codec")
 def codec_task(config: TrainConfig) -> TrainTask:
     """The codec on espeak-ng speech crops; evaluation on crops of held-out voices."""
@@ -289,6 +307,9 @@ def codec_task(config: TrainConfig) -> TrainTask:
         raise ValueError(f"seq_len: expected the crop length {args['crop']} (model_args.crop), "
                          f"got {config.seq_len}")
     model = build_model(args, config.seed)
+    if args["init_weights"] is not None:
+        init_weights(model.codec if isinstance(model, CodecWithDiscriminator) else model,
+                     args["init_weights"])
     loss = make_loss(args)
     corpus = make_corpus(args, config.seed)
     train = SpeechCrops(load_split(corpus, "train"), config.batch_size, args["crop"],
@@ -321,6 +342,10 @@ register_config("codec", "tiny-gan-balanced", num_steps=2, batch_size=2, seq_len
 register_config("codec", "small", num_steps=1100, batch_size=8, seq_len=6400, warmup_steps=50,
                 learning_rate=2e-3, end_lr_ratio=0.05, eval_every=550, eval_batches=4,
                 save_every=100, log_every=10, model_args=SMALL_ARGS)
+register_config("codec", "small-sisdr", num_steps=6000, batch_size=8, seq_len=6400,
+                warmup_steps=50, learning_rate=1e-3, end_lr_ratio=0.05, eval_every=1000,
+                eval_batches=4, save_every=250, log_every=10,
+                model_args={**SMALL_ARGS, "weights": {"sisdr": 0.1}, "init_weights": "pretrained"})
 register_config("codec", "small-gan", num_steps=20000, batch_size=16, seq_len=6400,
                 warmup_steps=500, learning_rate=3e-4, eval_every=1000, save_every=1000,
                 log_every=50, model_args={**SMALL_ARGS, "discriminator": {},
