@@ -337,7 +337,7 @@ class CodecLossWeights:
     l1: float = 0.1
     stft: float = 1.0
     mel: float = 1.0
-    sisdr: float = 0.0   # negative SI-SDR in dB (0: off; the codec_small fine-tune uses it)
+    sisdr: float = 0.0   # negative SI-SDR in dB (0: off)
     commitment: float = 0.25
     codebook: float = 1.0
 

@@ -169,6 +169,19 @@ def test_tiny_config_trains_checkpoints_and_exports(tmp_path_factory):
     with pytest.raises(ValueError, match="num_quantizers: expected an int in 1..3"):
         load_pretrained(path, num_quantizers=4)
 
+    # Fine-tuning starts from the exported weights, with the SI-SDR term in the loss.
+    from streamzoo.train.configs import build_task, load_config
+    task = build_task(load_config("codec", "tiny", [f"model_args.init_weights={path}",
+                                                    "model_args.weights.sisdr=0.5"]))
+    for g, w in zip(jax.tree_util.tree_leaves(nnx.state(task.model, nnx.Param)), want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    loss, aux = task.loss_fn(task.model, next(iter(task.train_data)), None)
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(float(aux["loss/sisdr"]), -float(aux["metric/si_sdr_db"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="model_args.init_weights: the codec in"):
+        build_task(load_config("codec", "tiny", [f"model_args.init_weights={path}",
+                                                 "model_args.codec.latent_dim=4"]))
+
 
 def test_bad_config_and_weights(tmp_path):
     from streamzoo.train.configs import build_task, load_config
