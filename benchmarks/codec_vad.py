@@ -4,7 +4,8 @@ ms/chunk against onnxruntime, in one run on one machine.
 Codec cases (the checked-in `streamzoo/zoo/codec/weights/codec_small.npz`, float32, one
 16 kHz stream unless said, all 8 codebooks): a jitted `step` of the whole codec (encoder ->
 codes -> decoder) on one 20 ms frame and on an 80 ms chunk, the encoder's and the decoder's
-step alone on one frame, `pure()` params instead of the module, a batch of 8 streams,
+step alone on one frame, `pure()` params or `sz.jit_step` (module split once) instead of the
+module as an argument, a batch of 8 streams,
 `multistep` (a `lax.scan` of one-frame steps, K frames per call) and the offline `codec(x)` on
 the same K frames. Each figure is compared with its budget, the audio it covers: the
 real-time factor is `ms per call / ms of audio per call` (the issue's target: < 0.1 on CPU).
@@ -52,6 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import vad as vad_bench  # noqa: E402  (benchmarks/vad.py)
+from streamzoo.eval.machine import machine_info  # noqa: E402
 from streamzoo.zoo.codec.pretrained import load_pretrained, read_metadata  # noqa: E402
 
 SAMPLE_RATE = 16_000
@@ -87,6 +89,8 @@ def codec_cases(codec, K: int, batch: int) -> tuple[dict, dict, dict]:
             lambda c, x: step(codec, c, x), codec.init_carry(1), chunks(hop)), frame_ms),
         "codec jit(pure step_fn), 20 ms frame": (vad_bench._stepper(
             lambda c, x: step_pure(params, c, x), codec.init_carry(1), chunks(hop)), frame_ms),
+        "codec sz.jit_step(codec), 20 ms frame": (vad_bench._stepper(
+            sz.jit_step(codec), codec.init_carry(1), chunks(hop)), frame_ms),
         "codec jit(step), 80 ms chunk": (vad_bench._stepper(
             lambda c, x: step(codec, c, x), codec.init_carry(1), chunks(4 * hop)), 4 * frame_ms),
         f"codec jit(step), 20 ms frame x {batch} streams": (vad_bench._stepper(
@@ -220,8 +224,7 @@ def main() -> None:
         res["vad"] = vad_bench.run(vad_args)
         res["machine"] = vad_bench.machine()
     else:
-        res["machine"] = {"cpu": vad_bench.platform.processor(), "nproc": os.cpu_count(),
-                          "jax": jax.__version__}
+        res["machine"] = machine_info()
     print(markdown(res))
     if args.out:
         with open(args.out, "w") as f:

@@ -76,17 +76,37 @@ def _bound(graphdef, treedef, method: str, donate_carry: bool):
     return jax.jit(call, donate_argnums=(1,) if donate_carry else ())
 
 
-def _bind(model, method: str, donate_carry: bool):
+class BoundStep:
+    """A jitted method of a module whose parameters were split into leaves once:
+    `bound(carry, x)` calls it; `bound.compile(carry, x)` compiles ahead of time (to time the
+    compilation apart) and returns a callable of the same form."""
+
+    def __init__(self, fn, leaves):
+        self._fn, self._leaves = fn, leaves
+
+    def __call__(self, *args):
+        return self._fn(self._leaves, *args)
+
+    def compile(self, *args):
+        compiled = self._fn.lower(self._leaves, *args).compile()
+        leaves = self._leaves
+        return lambda *a: compiled(leaves, *a)
+
+
+def _bind(model, method: str, donate_carry: bool) -> BoundStep:
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    fn = _bound(graphdef, treedef, method, donate_carry)
-    return lambda *args: fn(leaves, *args)
+    try:
+        fn = _bound(graphdef, treedef, method, donate_carry)
+    except TypeError:  # an unhashable static attribute (a list, say): a jit of its own
+        fn = _bound.__wrapped__(graphdef, treedef, method, donate_carry)
+    return BoundStep(fn, leaves)
 
 
 def jit_step(model, *, donate_carry: bool = False):
     """`model.step` jitted with the module split into (structure, parameter leaves) once.
 
-    Returns `step(carry, x) -> (carry, y)`. Faster per call than
+    Returns `step(carry, x) -> (carry, y)` (a `BoundStep`). Faster per call than
     `jax.jit(lambda m, c, x: m.step(c, x))(model, c, x)`, which flattens the NNX module on
     every call (tens of µs, more than a small step's compute): use it in hot streaming loops.
     The parameters are read when `jit_step` is called; call it again after updating them.

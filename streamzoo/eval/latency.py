@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from streamzoo.core.drivers import carry_nbytes, jitted_apply, jitted_flush
+from streamzoo.core.drivers import carry_nbytes, jit_step, jitted_apply, jitted_flush
 from streamzoo.core.seq import Seq
 
 
@@ -46,10 +46,6 @@ class LatencyReport:
         if self.frame_ms is None:
             return None
         return self.p50_ms / (self.chunk_size * self.frame_ms)
-
-
-def _step(model, carry, x):
-    return model.step(carry, x)
 
 
 _flush, _call = jitted_flush, jitted_apply  # shared with the harness and drivers
@@ -95,14 +91,14 @@ def measure_stream(model, x: Seq, chunk_size: int, *, reference: Seq | None = No
 
     carry = model.init_carry(x.batch_size, x.dtype)
     start = time.perf_counter()
-    step = jax.jit(_step).trace(model, carry, chunks[0]).lower().compile()
+    step = jit_step(model).compile(carry, chunks[0])
     compile_ms = (time.perf_counter() - start) * 1e3
 
     outputs, times = [], np.empty(num_chunks)
     for i, chunk in enumerate(tqdm(chunks, desc=f"chunk={chunk_size}", leave=False,
                                    disable=None if progress else True)):
         start = time.perf_counter()
-        carry, y = step(model, carry, chunk)
+        carry, y = step(carry, chunk)
         jax.block_until_ready((carry, y))
         times[i] = (time.perf_counter() - start) * 1e3
         outputs.append(y)

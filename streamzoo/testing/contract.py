@@ -438,7 +438,10 @@ def _check_receptive_field(ctx):
     values = np.asarray(base.values[0])
     perturbed = np.repeat(values[None], n, axis=0)  # [i, t, ...]: copy i has frame i changed
     if np.issubdtype(values.dtype, np.floating):
-        delta = ctx.rng.standard_normal(values.shape).astype(values.dtype)
+        # Large changes: a frame that an output sees only through a small weight (the edge of
+        # an analysis window, say) must still show up above the tolerance.
+        scale_in = 10.0 * max(1.0, float(np.abs(values).max(initial=0.0)))
+        delta = (scale_in * ctx.rng.standard_normal(values.shape)).astype(values.dtype)
         perturbed[np.arange(n), np.arange(n)] += delta
     else:
         vmax = int(values.max()) + 1

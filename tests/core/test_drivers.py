@@ -69,6 +69,18 @@ def test_jit_step_matches_step_and_shares_one_compilation(model, x):
     assert not np.allclose(y_other.values, y.values)
 
 
+def test_jit_step_of_a_module_with_an_unhashable_attribute(model, x):
+    class Listed(nnx.Module):  # a plain list attribute makes the graph unhashable
+        def __init__(self, inner):
+            self.inner, self.sizes = inner, [1, 2]
+
+        def step(self, carry, x):
+            return self.inner.step(carry, x)
+
+    _, y = sz.jit_step(Listed(model))(model.init_carry(2), x)
+    np.testing.assert_allclose(y.values, model.step(model.init_carry(2), x)[1].values, atol=1e-6)
+
+
 def test_jit_step_donating_the_carry(model, x):
     step = sz.jit_step(model, donate_carry=True)
     carry = model.init_carry(2)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from streamzoo.core.drivers import jit_flush, jit_step
 from streamzoo.core.seq import Seq
 from streamzoo.core.streamer import StreamLayer
 from streamzoo.zoo.asr.beam_search import CTCPrefixBeamSearch
@@ -234,20 +235,23 @@ def transcribe(model: ASRModel, audios, latency=None, *, batch_size: int = 16,
     return texts
 
 
-@jax.jit
-def _recognizer_step(model, decoder, carry, x: Seq):
-    enc_carry, dec_carry = carry
-    enc_carry, logits = model.step(enc_carry, x)
-    dec_carry, tokens = decoder.step(dec_carry, logits)
-    return (enc_carry, dec_carry), tokens, logits
+class _RecognizerPipeline(nnx.Module):
+    """The encoder and the streaming greedy decoder as one step, for `jit_step`."""
 
+    def __init__(self, model, decoder):
+        self.model, self.decoder = model, decoder
 
-@jax.jit
-def _recognizer_flush(model, decoder, carry):
-    enc_carry, dec_carry = carry
-    enc_carry, logits = model.flush(enc_carry)
-    dec_carry, tokens = decoder.step(dec_carry, logits)
-    return (enc_carry, dec_carry), tokens, logits
+    def step(self, carry, x: Seq):
+        enc_carry, dec_carry = carry
+        enc_carry, logits = self.model.step(enc_carry, x)
+        dec_carry, tokens = self.decoder.step(dec_carry, logits)
+        return (enc_carry, dec_carry), tokens, logits
+
+    def flush(self, carry):
+        enc_carry, dec_carry = carry
+        enc_carry, logits = self.model.flush(enc_carry)
+        dec_carry, tokens = self.decoder.step(dec_carry, logits)
+        return (enc_carry, dec_carry), tokens, logits
 
 
 class StreamingRecognizer:
@@ -284,6 +288,10 @@ class StreamingRecognizer:
             raise ValueError(f"beam_search: expected blank_id {model.config.blank_id} (the "
                              f"model's), got {beam_search.blank_id}")
         self.beam_search = beam_search
+        # Jitted with the parameters split out once (read here: a recognizer built before the
+        # model's weights change keeps the old ones).
+        pipeline = _RecognizerPipeline(self.model, self.decoder)
+        self._step, self._flush = jit_step(pipeline), jit_flush(pipeline)
         self.reset()
 
     def reset(self) -> None:
@@ -325,14 +333,14 @@ class StreamingRecognizer:
         values[:, :n, 0] = chunk
         x = Seq.from_lengths(values, lengths)
         t0 = time.perf_counter()
-        self.carry, tokens, logits = _recognizer_step(self.model, self.decoder, self.carry, x)
+        self.carry, tokens, logits = self._step(self.carry, x)
         tokens = jax.block_until_ready(tokens)
         self.timings.append(time.perf_counter() - t0)
         return self._collect(tokens, logits)
 
     def finish(self) -> list[str]:
         t0 = time.perf_counter()
-        self.carry, tokens, logits = _recognizer_flush(self.model, self.decoder, self.carry)
+        self.carry, tokens, logits = self._flush(self.carry)
         tokens = jax.block_until_ready(tokens)
         self.timings.append(time.perf_counter() - t0)
         self.finished = True

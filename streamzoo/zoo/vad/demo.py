@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from streamzoo.core.drivers import jit_step
 from streamzoo.core.seq import Seq
 from streamzoo.demos.audio import MissingToolError, load_wav, synthesize
 from streamzoo.demos.options import positive_int, standalone
@@ -161,14 +162,14 @@ def _stream(model, audio, chunks_per_step, config):
     carry = model.init_carry(1)
     first = Seq.from_lengths(jnp.asarray(padded[None, :size, None]), length + size)
     start = time.perf_counter()
-    step = jax.jit(lambda m, c, x: m.step(c, x)).trace(model, carry, first).lower().compile()
+    step = jit_step(model).compile(carry, first)
     compile_ms = (time.perf_counter() - start) * 1e3
     tracker, probs, times, events = SegmentTracker(config), [], [], []
     for begin in range(0, padded.shape[0], size):
         valid = min(size, audio.shape[0] - begin)  # the zero padding is not committed
         x = Seq.from_lengths(jnp.asarray(padded[None, begin:begin + size, None]), length + valid)
         t0 = time.perf_counter()
-        carry, y = step(model, carry, x)
+        carry, y = step(carry, x)
         jax.block_until_ready(y)
         times.append((time.perf_counter() - t0) * 1e3)
         p = np.asarray(y.values[0, :, 0])[np.asarray(y.mask[0])]
