@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 from flax import nnx
 
 from streamzoo.zoo.asr.model import ASRConfig, ASRModel
+from streamzoo.zoo.weights import load_state_arrays, state_arrays
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 DEFAULT_NAME = "asr_ctc_small"
@@ -28,36 +28,6 @@ DEFAULT_NAME = "asr_ctc_small"
 def default_path() -> str:
     """The shipped checkpoint's path stem (without `.npz` / `.json`)."""
     return os.path.join(WEIGHTS_DIR, DEFAULT_NAME)
-
-
-def _key(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
-
-
-def state_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Every variable of `model` as `{path: numpy array}`."""
-    state = nnx.state(model)
-    return {_key(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(state)}
-
-
-def load_state_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Set every variable of `model` from `arrays` (as written by `state_arrays`); the keys,
-    shapes and dtypes must match exactly."""
-    state = nnx.state(model)
-    leaves = jax.tree_util.tree_leaves_with_path(state)
-    want = {_key(p) for p, _ in leaves}
-    missing, unexpected = sorted(want - set(arrays)), sorted(set(arrays) - want)
-    if missing or unexpected:
-        raise ValueError(f"arrays: expected exactly the model's variables; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    new = []
-    for p, a in leaves:
-        v = arrays[_key(p)]
-        if v.shape != a.shape or v.dtype != a.dtype:
-            raise ValueError(f"arrays[{_key(p)!r}]: expected {a.dtype}{list(a.shape)}, got "
-                             f"{v.dtype}{list(v.shape)}")
-        new.append(jax.numpy.asarray(v))
-    nnx.update(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), new))
 
 
 def export_pretrained(model: ASRModel, path: str, extra: dict | None = None) -> tuple[str, str]:
@@ -84,7 +54,7 @@ def load_pretrained(path: str | None = None) -> ASRModel:
         config = ASRConfig.from_dict(json.load(f)["model"])
     model = nnx.eval_shape(lambda: ASRModel(config, rngs=nnx.Rngs(0)))  # no random init
     with np.load(npz) as data:
-        load_state_arrays(model, dict(data))
+        load_state_arrays(model, dict(data), what=npz)
     return model
 
 
@@ -126,5 +96,4 @@ def export_from_run(run_dir: str, path: str | None = None, extra: dict | None = 
 
 
 __all__ = ["WEIGHTS_DIR", "default_path", "export_from_run", "export_pretrained",
-           "load_pretrained", "load_state_arrays", "model_from_run", "pretrained_info",
-           "state_arrays"]
+           "load_pretrained", "model_from_run", "pretrained_info"]

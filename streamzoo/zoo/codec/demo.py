@@ -24,10 +24,12 @@ import wave
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from streamzoo.core.seq import Seq
 from streamzoo.demos.audio import load_wav
 from streamzoo.demos.options import positive_int, standalone
+from streamzoo.zoo.weights import state_arrays
 
 DESCRIPTION = "the trained streaming codec (checked-in weights): encode + decode live, write a WAV"
 SAMPLE_RATE = 16_000
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = codec.config
     n = audio.shape[0]
     print(f"Input: {source}, {n / SAMPLE_RATE:.2f} s ({n} samples at 16 kHz)")
-    params = sum(a.size for a in jax.tree_util.tree_leaves(_params(codec)))
+    params = sum(a.size for a in state_arrays(codec, nnx.Param).values())
     print(f"Codec: {params:,} parameters, hop {hop} samples ({cfg.frame_rate:g} frames/s), "
           f"{n_q} of {cfg.total_quantizers} codebooks x {cfg.codes_per_quantizer} codes "
           f"-> {cfg.bitrate(n_q) / 1000:g} kbit/s; trained {meta.get('step', '?')} steps")
@@ -258,12 +260,6 @@ def _write_wav(path: str, samples: np.ndarray) -> None:
         w.setframerate(SAMPLE_RATE)
         pcm = np.clip(np.rint(samples * 32768.0), -32768, 32767).astype("<i2")
         w.writeframes(pcm.tobytes())
-
-
-def _params(codec):
-    from flax import nnx
-
-    return nnx.state(codec, nnx.Param)
 
 
 if __name__ == "__main__":

@@ -14,24 +14,14 @@ import json
 import os
 from typing import Mapping
 
-import jax
 import numpy as np
 from flax import nnx
 
 from streamzoo.zoo.codec.model import Codec, CodecConfig
+from streamzoo.zoo.weights import load_state_arrays, state_arrays
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DEFAULT_NAME = "codec_small"
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def _params(codec: Codec) -> dict[str, np.ndarray]:
-    state = nnx.state(codec, nnx.Param)
-    return {_path_name(p): np.asarray(a, np.float32)
-            for p, a in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def _config_dict(config: CodecConfig) -> dict:
@@ -46,7 +36,7 @@ def save_pretrained(codec: Codec, out_dir: str, *, name: str = DEFAULT_NAME,
         raise ValueError(f"codec: expected a Codec, got {type(codec).__name__}")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.npz")
-    np.savez_compressed(path, **_params(codec))
+    np.savez_compressed(path, **state_arrays(codec, nnx.Param))
     blob = {"format": "streamzoo-codec-npz/1", "codec_config": _config_dict(codec.config),
             **(dict(metadata) if metadata else {})}
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
@@ -81,21 +71,8 @@ def load_pretrained(path: str | None = None, *, num_quantizers: int | None = Non
         raise ValueError(f"path: expected format 'streamzoo-codec-npz/1' in the JSON, got "
                          f"{meta.get('format')!r}")
     config = CodecConfig(**meta["codec_config"])
-    abstract = nnx.eval_shape(lambda: Codec(config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    codec = nnx.eval_shape(lambda: Codec(config, rngs=nnx.Rngs(0)))  # no random init
     with np.load(npz) as data:
-        stored = {k: data[k] for k in data.files}
-    paths = jax.tree_util.tree_leaves_with_path(params)
-    want = {_path_name(p): a for p, a in paths}
-    if set(want) != set(stored):
-        missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
-        raise ValueError(f"path: the weights do not match the config in the JSON: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
-    for name, a in want.items():
-        if tuple(stored[name].shape) != tuple(a.shape):
-            raise ValueError(f"path: {name}: expected shape {tuple(a.shape)}, got "
-                             f"{tuple(stored[name].shape)}")
-    leaves = [jax.numpy.asarray(stored[_path_name(p)], np.float32) for p, _ in paths]
-    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
-    codec = nnx.merge(graphdef, params, rest)
+        load_state_arrays(codec, dict(data), nnx.Param,
+                          what=f"path: {npz} (for the config in its JSON)")
     return codec if num_quantizers is None else codec.with_num_quantizers(num_quantizers)

@@ -56,6 +56,7 @@ from streamzoo.train.data.text import TokenWindows, load_text_corpus
 from streamzoo.train.data.tokenizers import ByteTokenizer
 from streamzoo.zoo.lm.model import StreamingLM
 from streamzoo.zoo.lm.perplexity import token_nll
+from streamzoo.zoo.weights import load_state_arrays, state_arrays
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 PRETRAINED = "lm-small"
@@ -198,21 +199,6 @@ register_config("lm", "small-sink", seq_len=128, batch_size=32, num_steps=700,
 
 
 # -------------------------------------------------------------------------------- weights
-def _flat_params(model) -> dict[str, np.ndarray]:
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = np.asarray(node, np.float32)
-
-    walk("", pure)
-    return flat
-
-
 def save_weights(model: StreamingLM, directory: str, name: str, *, context: int,
                  info: dict | None = None) -> tuple[str, str]:
     """Write `name.npz` (float32 parameters by path) and `name.json` (architecture, context,
@@ -220,7 +206,7 @@ def save_weights(model: StreamingLM, directory: str, name: str, *, context: int,
     os.makedirs(directory, exist_ok=True)
     npz_path = os.path.join(directory, name + ".npz")
     json_path = os.path.join(directory, name + ".json")
-    params = _flat_params(model)
+    params = {k: np.asarray(v, np.float32) for k, v in state_arrays(model, nnx.Param).items()}
     np.savez_compressed(npz_path, **params)
     with open(npz_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -267,40 +253,10 @@ def load_pretrained(policy: KVPolicy | None = None, *, name: str = PRETRAINED,
         arch["num_kv_heads"], arch["hidden"], policy=policy,
         tie_embeddings=arch["tie_embeddings"], rope_base=arch["rope_base"],
         max_rollback=max_rollback, dtype=dtype, rngs=nnx.Rngs(0)))
-    expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat_shapes(model).items()}
     with np.load(os.path.join(directory, name + ".npz")) as data:
-        stored = {k: data[k] for k in data.files}
-    got = {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}
-    if got != expected:
-        diff = sorted(set(got.items()) ^ set(expected.items()))[:6]
-        raise ValueError(f"{name}.npz: expected the parameters of the architecture in "
-                         f"{name}.json, got differences {diff}")
-    state = nnx.state(model, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-    for path, value in stored.items():
-        node = pure
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node[int(p) if p not in node and p.isdigit() else p]
-        node[int(leaf) if leaf not in node and leaf.isdigit() else leaf] = jnp.asarray(value)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
+        load_state_arrays(model, dict(data), nnx.Param,
+                          what=f"{name}.npz (for the architecture in {name}.json)")
     return model
-
-
-def _flat_shapes(model) -> dict:
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = node
-
-    walk("", pure)
-    return flat
 
 
 # ------------------------------------------------------------------------------------ run

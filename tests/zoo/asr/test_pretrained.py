@@ -12,8 +12,9 @@ from flax import nnx
 
 from streamzoo.zoo.asr.model import ASRModel, transcribe
 from streamzoo.zoo.asr.pretrained import (default_path, export_pretrained, load_pretrained,
-                                          pretrained_info, state_arrays)
+                                          pretrained_info)
 from streamzoo.zoo.asr.text import char_error_rate
+from streamzoo.zoo.weights import state_arrays
 
 SHIPPED = default_path()
 
@@ -45,7 +46,7 @@ def test_round_trip(model, tmp_path):
 def test_bad_paths_and_arrays(model, tmp_path):
     with pytest.raises(ValueError, match="path"):
         load_pretrained(str(tmp_path / "missing"))
-    from streamzoo.zoo.asr.pretrained import load_state_arrays
+    from streamzoo.zoo.weights import load_state_arrays
     arrays = state_arrays(model)
     arrays.pop(next(iter(arrays)))
     with pytest.raises(ValueError, match="missing"):

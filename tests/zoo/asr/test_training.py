@@ -94,13 +94,14 @@ def test_tiny_run_exports(tmp_path):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed")
     from streamzoo.train.configs import run
-    from streamzoo.zoo.asr.pretrained import export_from_run, load_pretrained, state_arrays
+    from streamzoo.zoo.asr.pretrained import export_from_run, load_pretrained
+    from streamzoo.zoo.weights import state_arrays
     config = load_config("asr", "tiny", [f"model_args.cache_dir={tmp_path / 'data'}"])
     state = run(config, str(tmp_path / "run"), progress=False, plot=False)
     assert int(state.step) == config.num_steps
     npz, _ = export_from_run(str(tmp_path / "run"), str(tmp_path / "w" / "asr"))
     model = load_pretrained(str(tmp_path / "w" / "asr"))
     arrays = state_arrays(model)
-    assert np.allclose(arrays["encoder/frontend/mean/value"],
+    assert np.allclose(arrays["encoder/frontend/mean"],
                        np.asarray(state.model().encoder.frontend.mean[...]))
-    assert not np.allclose(arrays["encoder/frontend/std/value"], 1.0)  # statistics were set
+    assert not np.allclose(arrays["encoder/frontend/std"], 1.0)  # statistics were set
