@@ -175,7 +175,7 @@ def test_tiny_config_trains_checkpoints_and_exports(tmp_path_factory):
                                                     "model_args.weights.sisdr=0.5"]))
     for g, w in zip(jax.tree_util.tree_leaves(nnx.state(task.model, nnx.Param)), want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-    loss, aux = task.loss_fn(task.model, next(iter(task.train_data)), None)
+    loss, aux = jax.jit(task.loss_fn)(task.model, next(iter(task.train_data)))
     assert np.isfinite(float(loss))
     np.testing.assert_allclose(float(aux["loss/sisdr"]), -float(aux["metric/si_sdr_db"]), rtol=1e-5)
     with pytest.raises(ValueError, match="model_args.init_weights: the codec in"):
