@@ -27,8 +27,9 @@ metrics and curves.
   discriminator's hinge loss sees `stop_gradient`'ed audio, so each part gets exactly the
   gradient of its own objective from one `jax.grad` of the sum.
 
-Configs: `tiny` (tests: a few steps in seconds), `small` (the checked-in checkpoint, trained
-on a 2-core CPU, no discriminator), `small-gan` (the same with the discriminator and the
+Configs: `tiny` (tests: a few steps in seconds), `small` (trained on a 2-core CPU, no
+discriminator), `small-continue` (more steps of the same losses from the checked-in weights),
+`small-gan` (the same with the discriminator and the
 balancer; not trained here). `model_args.init_weights="pretrained"` (or a .npz path) starts
 a run from saved weights (fine-tuning); `model_args.weights.sisdr` adds a negative SI-SDR
 term. `export_pretrained` writes the checked-in weights (`streamzoo.zoo.codec.pretrained`).
@@ -342,6 +343,10 @@ register_config("codec", "tiny-gan-balanced", num_steps=2, batch_size=2, seq_len
 register_config("codec", "small", num_steps=1100, batch_size=8, seq_len=6400, warmup_steps=50,
                 learning_rate=2e-3, end_lr_ratio=0.05, eval_every=550, eval_batches=4,
                 save_every=100, log_every=10, model_args=SMALL_ARGS)
+register_config("codec", "small-continue", num_steps=7000, batch_size=8, seq_len=6400,
+                warmup_steps=50, learning_rate=1e-3, end_lr_ratio=0.05, eval_every=1000,
+                eval_batches=4, save_every=250, log_every=10,
+                model_args={**SMALL_ARGS, "init_weights": "pretrained"})
 register_config("codec", "small-gan", num_steps=20000, batch_size=16, seq_len=6400,
                 warmup_steps=500, learning_rate=3e-4, eval_every=1000, save_every=1000,
                 log_every=50, model_args={**SMALL_ARGS, "discriminator": {},
