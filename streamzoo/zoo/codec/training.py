@@ -28,11 +28,11 @@ metrics and curves.
   gradient of its own objective from one `jax.grad` of the sum.
 
 Configs: `tiny` (tests: a few steps in seconds), `small` (trained on a 2-core CPU, no
-discriminator), `small-continue` (more steps of the same losses from the checked-in weights),
-`small-gan` (the same with the discriminator and the
-balancer; not trained here). `model_args.init_weights="pretrained"` (or a .npz path) starts
-a run from saved weights (fine-tuning); `model_args.weights.sisdr` adds a negative SI-SDR
-term. `export_pretrained` writes the checked-in weights (`streamzoo.zoo.codec.pretrained`).
+discriminator), `small-continue` (7000 more steps of the same losses from the checked-in
+weights: how the shipped step-7000 weights were made from the step-600 ones), `small-gan`
+(the same with the discriminator and the balancer; not trained here).
+`model_args.init_weights="pretrained"` (or a .npz path) starts a run from saved weights
+(fine-tuning); `model_args.weights.sisdr` adds a negative SI-SDR term. `export_pretrained` writes the checked-in weights (`streamzoo.zoo.codec.pretrained`).
 """
 
 from __future__ import annotations
