@@ -295,17 +295,14 @@ class ResidualVQ(_Quantizer):
         Code -1 means "inactive" (adds nothing); other codes are clipped to the codebook."""
         codes = self._check_codes(codes)
         n = codes.shape[-1]
-        params = self._stage_params(n)
-
-        def body(quantized, inputs):
-            p, c = inputs
-            e = jnp.take(p["codebook"], jnp.clip(c, 0, self.codebook_size - 1), axis=0)
-            out = jnp.where((c >= 0)[..., None], self._project_out(p, e), 0.0)
-            return quantized + out, None
-
-        init = jnp.zeros(codes.shape[:-1] + (self.in_features,), jnp.float32)
-        quantized, _ = jax.lax.scan(body, init, (params, jnp.moveaxis(codes, -1, 0)))
-        return quantized
+        p = self._stage_params(n)
+        # The stages' lookups are independent (only encoding is sequential): all n at once,
+        # a few ops instead of a loop of n (this runs in every streaming decode step).
+        e = p["codebook"][jnp.arange(n), jnp.clip(codes, 0, self.codebook_size - 1)]  # [..., n, d]
+        if self.projected:
+            e = (jnp.einsum("...nd,ndf->...nf", e, p["out_proj"], precision=_HIGHEST)
+                 + p["out_bias"])
+        return jnp.sum(jnp.where((codes >= 0)[..., None], e, 0.0), axis=-2)
 
 
 # ------------------------------------------------------------------------------- FSQ
