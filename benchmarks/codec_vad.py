@@ -5,7 +5,8 @@ Codec cases (the checked-in `streamzoo/zoo/codec/weights/codec_small.npz`, float
 16 kHz stream unless said, all 8 codebooks): a jitted `step` of the whole codec (encoder ->
 codes -> decoder) on one 20 ms frame and on an 80 ms chunk, the encoder's and the decoder's
 step alone on one frame, `pure()` params or `sz.jit_step` (module split once) instead of the
-module as an argument, a batch of 8 streams,
+module as an argument, ten `jit_step` calls back to back with one wait at the end (per-frame
+CPU cost, where the other cases measure a blocking call's latency), a batch of 8 streams,
 `multistep` (a `lax.scan` of one-frame steps, K frames per call) and the offline `codec(x)` on
 the same K frames. Each figure is compared with its budget, the audio it covers: the
 real-time factor is `ms per call / ms of audio per call` (the issue's target: < 0.1 on CPU).
@@ -23,9 +24,10 @@ and after is recorded (the machine may be shared).
 
 The codec cases run twice: in this process with XLA's default CPU threading, and in a child
 process with `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (each op on the calling thread).
-A codec step is ~1,000 small ops; with Eigen's thread pool every convolution is handed to
-worker threads, which on a busy machine wait for a core, so single-threaded ops are several
-times faster per step there (`--single-thread` runs only that configuration).
+A codec step is ~600 small XLA ops (~430 at the top level, and the RVQ encoder loop's 8 x ~18);
+with Eigen's thread pool every convolution is handed to worker threads, which on a busy
+machine wait for a core, so single-threaded ops can be faster per step there
+(`--single-thread` runs only that configuration).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import vad as vad_bench  # noqa: E402  (benchmarks/vad.py)
-from streamzoo.eval.machine import machine_info  # noqa: E402
+from streamzoo.eval.machine import cpu_counters, machine_info, steal_percent  # noqa: E402
 from streamzoo.zoo.codec.pretrained import load_pretrained, read_metadata  # noqa: E402
 
 SAMPLE_RATE = 16_000
@@ -84,6 +86,19 @@ def codec_cases(codec, K: int, batch: int) -> tuple[dict, dict, dict]:
     xs = sz.chunked(x_all, hop)
     frame_codes = [enc.step(enc.init_carry(1), c)[1] for c in chunks(hop)[:8]]
 
+    def back_to_back(stepper, n):
+        """n calls dispatched without waiting (jax's async dispatch overlaps the Python side of
+        one call with the compute of the previous), then one wait: the CPU cost per frame of a
+        loop that only needs its audio a frame later, against the latency of a blocking call."""
+        frames, state = chunks(hop), {"carry": codec.init_carry(1), "i": 0}
+
+        def run():
+            for _ in range(n):
+                state["carry"], y = stepper(state["carry"], frames[state["i"] % len(frames)])
+                state["i"] += 1
+            jax.block_until_ready((state["carry"], y))
+        return run
+
     per_call = {
         "codec jit(step), 20 ms frame": (vad_bench._stepper(
             lambda c, x: step(codec, c, x), codec.init_carry(1), chunks(hop)), frame_ms),
@@ -91,6 +106,8 @@ def codec_cases(codec, K: int, batch: int) -> tuple[dict, dict, dict]:
             lambda c, x: step_pure(params, c, x), codec.init_carry(1), chunks(hop)), frame_ms),
         "codec sz.jit_step(codec), 20 ms frame": (vad_bench._stepper(
             sz.jit_step(codec), codec.init_carry(1), chunks(hop)), frame_ms),
+        "codec sz.jit_step(codec), 10 x 20 ms frames back to back, one wait": (
+            back_to_back(sz.jit_step(codec), 10), 10 * frame_ms),
         "codec jit(step), 80 ms chunk": (vad_bench._stepper(
             lambda c, x: step(codec, c, x), codec.init_carry(1), chunks(4 * hop)), 4 * frame_ms),
         f"codec jit(step), 20 ms frame x {batch} streams": (vad_bench._stepper(
@@ -118,7 +135,7 @@ def run_codec(args) -> dict:
     codec = load_pretrained()
     meta = read_metadata()
     per_call, whole, streams = codec_cases(codec, args.frames, args.batch)
-    load_before = vad_bench._load()
+    load_before, counters = vad_bench._load(), cpu_counters()
     t1 = vad_bench.interleaved({k: v[0] for k, v in per_call.items()}, args.rounds, args.calls,
                                args.warmup)
     t2 = vad_bench.interleaved({k: v[0] for k, v in whole.items()}, args.rounds,
@@ -135,6 +152,7 @@ def run_codec(args) -> dict:
                              "rounds_ms": [v["min_round_ms"], v["max_round_ms"]]}
     cfg = codec.config
     return {"load_before": load_before, "load_after": vad_bench._load(),
+            "cpu_steal_percent": steal_percent(counters),
             "codec": {"params": int(sum(a.size for a in jax.tree_util.tree_leaves(
                 sz.pure(codec)[1]))), "hop": codec.hop, "codebooks": cfg.num_quantizers,
                 "bitrate": cfg.bitrate(), "trained_steps": meta.get("step")},
@@ -145,7 +163,8 @@ def run_codec(args) -> dict:
 
 def codec_table(c: dict, title: str) -> list[str]:
     lines = [f"#### {title} (XLA_FLAGS=`{c.get('xla_flags') or ''}`); load average "
-             f"{c['load_before']} -> {c['load_after']}", "",
+             f"{c['load_before']} -> {c['load_after']}; CPU steal "
+             f"{vad_bench.percent(c.get('cpu_steal_percent'))}", "",
              "| case | audio per call | ms/call | real-time factor | per stream | < 0.1? "
              "| rounds min-max ms |",
              "|---|---|---|---|---|---|---|"]

@@ -44,7 +44,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import streamzoo as sz
 
-from streamzoo.eval.machine import load_average, machine_info  # noqa: E402
+from streamzoo.eval.machine import cpu_counters, load_average, machine_info, steal_percent  # noqa: E402
 from streamzoo.zoo.vad.silero import (CHUNK, CONTEXT, SAMPLE_RATE, SileroVAD,  # noqa: E402
                                       wheel_data_dir)
 
@@ -178,7 +178,7 @@ def run(args) -> dict:
         f"JAX jit(offline model(x)), K={K}": offline_case,
         f"onnxruntime sequence model, K={K}, 1 thread": sequence_case,
     }
-    load_before = _load()
+    load_before, counters = _load(), cpu_counters()
     t1 = interleaved(per_chunk, args.rounds, args.calls, args.warmup)
     t2 = interleaved(whole, args.rounds, max(3, args.calls // 20), 2)
     results = {}
@@ -194,10 +194,16 @@ def run(args) -> dict:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": "python benchmarks/vad.py " + " ".join(sys.argv[1:]),
             "machine": machine(), "load_before": load_before, "load_after": _load(),
+            "cpu_steal_percent": steal_percent(counters),
             "config": {"chunks_K": K, "batch": batch, "rounds": args.rounds, "calls": args.calls,
                        "dtype": "float32",
                        "audio": "white noise, std 0.1 (cost is data-independent)"},
             "max_abs_diff_jax_vs_onnx": max_diff, "parity_chunks": K, "results": results}
+
+
+def percent(value) -> str:
+    """A measured percentage for a table title (CPU steal), or why there is none."""
+    return "not measured" if value is None else f"{value:g}%"
 
 
 def markdown(res: dict) -> str:
@@ -205,7 +211,8 @@ def markdown(res: dict) -> str:
     lines = [f"### Silero VAD: ms per 512-sample chunk (32 ms of audio), {res['date']}", "",
              f"`{res['command']}` on {m['cpu']} ({m['nproc']} cores), jax {m['jax']}, "
              f"onnxruntime {m['onnxruntime']}, silero-vad {m['silero-vad']}; load average "
-             f"{res['load_before']} -> {res['load_after']}. Same audio through both: max "
+             f"{res['load_before']} -> {res['load_after']}, CPU steal "
+             f"{percent(res.get('cpu_steal_percent'))}. Same audio through both: max "
              f"|JAX - ONNX| = {res['max_abs_diff_jax_vs_onnx']:.2e} over {res['parity_chunks']} "
              "chunks.", "",
              "| case | chunks/call | ms/call | ms/chunk | real-time factor "

@@ -1,4 +1,5 @@
-"""What a benchmark ran on: CPU model, core count, package versions, device, load average.
+"""What a benchmark ran on: CPU model, core count, package versions, device, load average,
+and the CPU time a hypervisor took away while it ran (steal).
 
 Every figure in benchmarks/RESULTS.md is stored with this description, so numbers from a
 shared or different machine are never compared unknowingly.
@@ -17,6 +18,28 @@ import jax
 def load_average() -> list[float]:
     """The 1-, 5- and 15-minute load averages, rounded (how busy the machine was)."""
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def cpu_counters() -> tuple[int, int] | None:
+    """`(steal, total)` CPU time in jiffies since boot from /proc/stat (None where absent)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+def steal_percent(before: tuple[int, int] | None) -> float | None:
+    """Percent of CPU time stolen by the hypervisor since `before = cpu_counters()`.
+
+    On a shared VM this is why two runs of the same code differ: a figure measured while
+    other guests took a third of the CPU is slow for reasons outside the code.
+    """
+    after = cpu_counters()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
 
 
 def cpu_model() -> str:
