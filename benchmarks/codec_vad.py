@@ -24,7 +24,7 @@ and after is recorded (the machine may be shared).
 
 The codec cases run twice: in this process with XLA's default CPU threading, and in a child
 process with `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (each op on the calling thread).
-A codec step is ~600 small XLA ops (~430 at the top level, and the RVQ encoder loop's 8 x ~18);
+A codec step is ~600 small XLA ops (~450 at the top level, and the RVQ encoder loop's 8 x ~18);
 with Eigen's thread pool every convolution is handed to worker threads, which on a busy
 machine wait for a core, so single-threaded ops can be faster per step there
 (`--single-thread` runs only that configuration).

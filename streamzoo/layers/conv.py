@@ -174,13 +174,8 @@ class Conv1D(StreamLayer):
         first = jnp.maximum(jnp.mod(look - 1 - seen, s), s - 1 + look - seen)
         count = jnp.clip((lengths - first + s - 1) // s, 0, slots)
         # New frame t sits at W + t of the window; output slot m reads from W + first - span + m*s.
-        size = span + (slots - 1) * s + 1
-        if s == 1 and look == 0:
-            # first == 0 for every row: the windows start at the same place (a static slice,
-            # not a gather: most convs of a deep stack take this path).
-            aligned = window[:, self.history_size - span:][:, :size]
-        else:
-            aligned = take_frames(window, self.history_size + first - span, size)
+        start = self.history_size + first - span
+        aligned = take_frames(window, start, span + (slots - 1) * s + 1)
         y = self._conv(aligned)
         return y, count
 
