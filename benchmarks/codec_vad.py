@@ -86,19 +86,6 @@ def codec_cases(codec, K: int, batch: int) -> tuple[dict, dict, dict]:
     xs = sz.chunked(x_all, hop)
     frame_codes = [enc.step(enc.init_carry(1), c)[1] for c in chunks(hop)[:8]]
 
-    def back_to_back(stepper, n):
-        """n calls dispatched without waiting (jax's async dispatch overlaps the Python side of
-        one call with the compute of the previous), then one wait: the CPU cost per frame of a
-        loop that only needs its audio a frame later, against the latency of a blocking call."""
-        frames, state = chunks(hop), {"carry": codec.init_carry(1), "i": 0}
-
-        def run():
-            for _ in range(n):
-                state["carry"], y = stepper(state["carry"], frames[state["i"] % len(frames)])
-                state["i"] += 1
-            jax.block_until_ready((state["carry"], y))
-        return run
-
     per_call = {
         "codec jit(step), 20 ms frame": (vad_bench._stepper(
             lambda c, x: step(codec, c, x), codec.init_carry(1), chunks(hop)), frame_ms),
@@ -106,8 +93,9 @@ def codec_cases(codec, K: int, batch: int) -> tuple[dict, dict, dict]:
             lambda c, x: step_pure(params, c, x), codec.init_carry(1), chunks(hop)), frame_ms),
         "codec sz.jit_step(codec), 20 ms frame": (vad_bench._stepper(
             sz.jit_step(codec), codec.init_carry(1), chunks(hop)), frame_ms),
-        "codec sz.jit_step(codec), 10 x 20 ms frames back to back, one wait": (
-            back_to_back(sz.jit_step(codec), 10), 10 * frame_ms),
+        "codec sz.jit_step(codec), 10 x 20 ms frames back to back, one wait": (vad_bench._stepper(
+            sz.jit_step(codec), codec.init_carry(1), chunks(hop), calls_per_wait=10),
+            10 * frame_ms),
         "codec jit(step), 80 ms chunk": (vad_bench._stepper(
             lambda c, x: step(codec, c, x), codec.init_carry(1), chunks(4 * hop)), 4 * frame_ms),
         f"codec jit(step), 20 ms frame x {batch} streams": (vad_bench._stepper(

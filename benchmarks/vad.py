@@ -70,13 +70,17 @@ def interleaved(cases: dict, rounds: int, calls: int, warmup: int) -> dict:
                    "max_round_ms": max(v)} for name, v in per_round.items()}
 
 
-def _stepper(call, carry, chunks):
+def _stepper(call, carry, chunks, calls_per_wait: int = 1):
+    """A zero-argument case: `calls_per_wait` step calls on the next chunks, then one wait.
+    One call per wait is a blocking call's latency; several let jax's async dispatch overlap
+    the Python side of a call with the compute of the previous one (the CPU cost per call)."""
     state = {"carry": carry, "i": 0}
 
     def run():
-        x = chunks[state["i"] % len(chunks)]
-        state["i"] += 1
-        state["carry"], y = call(state["carry"], x)
+        for _ in range(calls_per_wait):
+            x = chunks[state["i"] % len(chunks)]
+            state["i"] += 1
+            state["carry"], y = call(state["carry"], x)
         jax.block_until_ready((state["carry"], y))
 
     return run

@@ -400,7 +400,8 @@ def _check_gradients(ctx):
     def loss_stream(p, values):
         m = nnx.merge(graphdef, p)
         values = jnp.pad(values, [(0, 0), (0, xp.length - x.length)] + [(0, 0)] * (values.ndim - 2))
-        carry, ys = multistep(m, m.init_carry(x.batch_size), chunked(Seq(values, xp.mask, compact=xp.compact), chunk))
+        xs = chunked(Seq(values, xp.mask, compact=xp.compact), chunk)
+        carry, ys = multistep(m, m.init_carry(x.batch_size), xs)
         carry, tail = m.flush(carry)
         ys = Seq(ys.values.swapaxes(0, 1).reshape(x.batch_size, -1, *ys.values.shape[3:]),
                  ys.mask.swapaxes(0, 1).reshape(x.batch_size, -1))

@@ -347,9 +347,8 @@ def codec_loss(model, batch: Mapping, rng=None, *, weights: CodecLossWeights = C
                mel_scales: Sequence[tuple[int, int]] = DEFAULT_MEL_SCALES):
     """`(loss, aux)` for a `Codec` on `{"audio": [B, S], "audio_lengths": [B]}`: weighted
     waveform L1 + multi-scale STFT + multi-scale mel + negative SI-SDR + commitment + codebook
-    losses, with
-    quantizer dropout when `rng` is given. aux holds each term, the active quantizer count
-    and `weight` (the number of valid samples)."""
+    losses, with quantizer dropout when `rng` is given. aux holds each term, the active
+    quantizer count and `weight` (the number of valid samples)."""
     if "audio" not in batch or "audio_lengths" not in batch:
         raise ValueError(f"batch: expected keys 'audio' and 'audio_lengths', got {sorted(batch)}")
     audio = jnp.asarray(batch["audio"], jnp.float32)

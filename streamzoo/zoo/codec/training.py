@@ -32,7 +32,8 @@ discriminator), `small-continue` (7000 more steps of the same losses from the ch
 weights: how the shipped step-7000 weights were made from the step-600 ones), `small-gan`
 (the same with the discriminator and the balancer; not trained here).
 `model_args.init_weights="pretrained"` (or a .npz path) starts a run from saved weights
-(fine-tuning); `model_args.weights.sisdr` adds a negative SI-SDR term. `export_pretrained` writes the checked-in weights (`streamzoo.zoo.codec.pretrained`).
+(fine-tuning); `model_args.weights.sisdr` adds a negative SI-SDR term. `export_pretrained`
+writes the checked-in weights (`streamzoo.zoo.codec.pretrained`).
 """
 
 from __future__ import annotations
