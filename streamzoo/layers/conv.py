@@ -12,6 +12,9 @@ and a per-row frame counter (its value mod stride is the stride phase). A step b
 `history ++ chunk`, gathers the part of it whose stride grid lines up with that row's due
 outputs, and runs the same strided conv as the offline path: exact for any chunking.
 
+A pointwise conv (kernel 1, stride 1, no look-ahead) needs no history: it is frame-wise, with
+no carry, and a step is the offline map of its chunk (no window to build, no frames to gather).
+
 The depthwise causal case (groups = in = out features, stride 1, no look-ahead) runs the fused
 `pallas_kernels.causal_depthwise_conv` kernel (conv + history update in one pass) when `impl`
 resolves to a Pallas implementation ("auto": on GPU/TPU); otherwise, and on CPU, the XLA path.
@@ -90,6 +93,8 @@ class Conv1D(StreamLayer):
         self.impl = impl
         self.kernel, self.bias = conv_params(rngs, kernel_size, in_features, out_features, groups,
                                              use_bias)
+        # Kernel 1, stride 1, no look-ahead: each output frame is a map of its own input frame.
+        self.frame_wise = kernel_size == 1 and stride == 1 and lookahead == 0
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -126,8 +131,8 @@ class Conv1D(StreamLayer):
     def _fused_impl(self) -> str | None:
         """The depthwise kernel's implementation when this conv can use it and `impl` resolves
         to a Pallas one; None for the XLA path."""
-        if not (self.groups == self.in_features == self.out_features and self.stride == 1
-                and self.lookahead == 0):
+        if self.frame_wise or not (self.groups == self.in_features == self.out_features
+                                   and self.stride == 1 and self.lookahead == 0):
             return None
         impl = resolve_impl(self.impl, dwconv.KERNEL, dwconv.SUPPORTED)
         return None if impl == "xla" else impl
@@ -145,6 +150,8 @@ class Conv1D(StreamLayer):
         n_out = x.length // self.stride
         if n_out == 0:
             return self._empty(x.batch_size, dtype)
+        if self.frame_wise:
+            return x.replace(values=self._conv(x.values.astype(dtype))).masked()
         if (impl := self._fused_impl()) is not None:
             y, _ = self._fused(impl, x.values.astype(dtype), None, x.lengths())
             return Seq(y, x.mask, compact=True).masked()
@@ -157,6 +164,8 @@ class Conv1D(StreamLayer):
         return Seq(y, mask, compact=True).masked()
 
     def _init_carry(self, batch_size, dtype):
+        if self.frame_wise:
+            return super()._init_carry(batch_size, dtype)
         dtype = dtype or self.dtype or jnp.float32
         return ConvCarry(jnp.zeros((batch_size, self.history_size, self.in_features), dtype),
                          jnp.zeros((batch_size,), jnp.int32))
@@ -183,6 +192,8 @@ class Conv1D(StreamLayer):
         dtype = self._compute_dtype(x.dtype)
         if x.length == 0:
             return carry, self._empty(x.batch_size, dtype)
+        if self.frame_wise:
+            return carry, self._forward(x)
         lengths = x.lengths()
         if (impl := self._fused_impl()) is not None:
             y, history = self._fused(impl, x.values.astype(dtype), carry.history.astype(dtype),
@@ -208,9 +219,10 @@ class Conv1D(StreamLayer):
 
         The carry is returned unchanged: flushing commits no frames.
         """
-        dtype = self._compute_dtype(carry.history.dtype)
         if not self.lookahead:
-            return carry, self._empty(batch_size, dtype)
+            return carry, self._empty(batch_size, self._compute_dtype(
+                carry.history.dtype if isinstance(carry, ConvCarry) else jnp.float32))
+        dtype = self._compute_dtype(carry.history.dtype)
         zeros = jnp.zeros((batch_size, self.lookahead, self.in_features), dtype)
         window = jnp.concatenate([carry.history.astype(dtype), zeros], axis=1)
         y, count = self._due(carry.seen, window,

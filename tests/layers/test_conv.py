@@ -24,6 +24,8 @@ CONFIGS = {
     "k3_s3_depthwise": dict(kernel_size=3, stride=3, groups=D_IN),
     "k1_s2_look2": dict(kernel_size=1, stride=2, lookahead=2),
     "k5_d2_groups2_look2": dict(kernel_size=5, dilation=2, groups=2, lookahead=2),
+    "k1_pointwise": dict(kernel_size=1),           # frame-wise: no carry
+    "k1_groups2_pointwise": dict(kernel_size=1, groups=2),
 }
 
 
@@ -90,6 +92,20 @@ def test_offline_matches_reference(name, key):
 def test_stream_contract(name, key):
     layer = make(name, key)
     assert_stream_contract(layer, ragged(jax.random.fold_in(key, 2)), num_partitions=2)
+
+
+def test_pointwise_is_frame_wise_without_carry(key):
+    """Kernel 1, stride 1, no look-ahead: a step is the offline map of its chunk, the carry
+    holds no arrays, and flush emits nothing."""
+    layer = make("k1_pointwise", key)
+    assert layer.frame_wise and not make("k1_s2_look2", key).frame_wise
+    carry = layer.init_carry(B)
+    assert jax.tree.leaves(carry) == []
+    x = ragged(jax.random.fold_in(key, 2))
+    carry, y = _step(layer, carry, x)
+    np.testing.assert_array_equal(np.asarray(y.values), np.asarray(_offline(layer, x).values))
+    _, tail = _flush(layer, carry)
+    assert tail.length == 0
 
 
 @pytest.mark.parametrize("name", ["k5_s2_d2_look2", "k3_s3_depthwise"])
