@@ -23,11 +23,12 @@ and after is recorded (the machine may be shared).
     python benchmarks/codec_vad.py --no-vad     # codec only (no silero-vad wheel needed)
 
 The codec cases run twice: in this process with XLA's default CPU threading, and in a child
-process with `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (each op on the calling thread).
-A codec step is ~600 small XLA ops (~450 at the top level, and the RVQ encoder loop's 8 x ~18);
-with Eigen's thread pool every convolution is handed to worker threads, which on a busy
-machine wait for a core, so single-threaded ops can be faster per step there
-(`--single-thread` runs only that configuration).
+process pinned to one core (`os.sched_setaffinity` before jax starts; `--one-core` runs only
+that configuration). A codec step is a few hundred small XLA ops; with more than one core XLA
+splits loops and convolutions across its thread pool, and each hand-off to a worker thread costs
+more than these ops' work (most on a busy VM, where the worker waits for a core). Pinned, XLA
+compiles single-threaded code and runs every op on the calling thread: how to deploy one live
+stream per core.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-SINGLE_THREAD_FLAG = "--xla_cpu_multi_thread_eigen=false"
-if "--single-thread" in sys.argv:  # XLA reads its flags once, before the first computation
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_FLAG).strip()
+if "--one-core" in sys.argv:  # before jax starts: XLA sizes its thread pool from the affinity
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
@@ -150,7 +150,7 @@ def run_codec(args) -> dict:
 
 
 def codec_table(c: dict, title: str) -> list[str]:
-    lines = [f"#### {title} (XLA_FLAGS=`{c.get('xla_flags') or ''}`); load average "
+    lines = [f"#### {title} ({len(c.get('cpu_affinity', [])) or '?'} cores usable); load average "
              f"{c['load_before']} -> {c['load_after']}; CPU steal "
              f"{vad_bench.percent(c.get('cpu_steal_percent'))}", "",
              "| case | audio per call | ms/call | real-time factor | per stream | < 0.1? "
@@ -173,9 +173,9 @@ def markdown(res: dict) -> str:
              f"Checked-in codec: {info['params']:,} parameters, hop {info['hop']} (20 ms), "
              f"{info['codebooks']} codebooks ({info['bitrate'] / 1000:g} kbit/s), float32, "
              "batch 1 unless said. Target: real-time factor < 0.1.", ""]
-    lines += codec_table(c, "XLA default threading" if not c.get("xla_flags") else "this process")
-    if res.get("codec_single_thread"):
-        lines += [""] + codec_table(res["codec_single_thread"], "single-threaded XLA ops")
+    lines += codec_table(c, "XLA default threading")
+    if res.get("codec_one_core"):
+        lines += [""] + codec_table(res["codec_one_core"], "pinned to one core")
     if res.get("vad"):
         lines += ["", vad_bench.markdown({**res["vad"], "machine": {**m, **res["vad"]["machine"]},
                                           "command": res["command"]})]
@@ -183,13 +183,13 @@ def markdown(res: dict) -> str:
 
 
 def _child_codec_run(args) -> dict:
-    """The codec cases again in a child process with single-threaded XLA ops."""
+    """The codec cases again in a child process pinned to one core."""
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "codec.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--single-thread", "--codec-only",
+        cmd = [sys.executable, os.path.abspath(__file__), "--one-core", "--codec-only",
                "--frames", str(args.frames), "--batch", str(args.batch), "--rounds",
                str(args.rounds), "--calls", str(args.calls), "--warmup", str(args.warmup),
                "--out", out]
@@ -211,8 +211,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--no-vad", action="store_true", help="skip the VAD cases")
     parser.add_argument("--out", default=None, help="write the JSON results here")
-    parser.add_argument("--single-thread", action="store_true",
-                        help=f"XLA_FLAGS={SINGLE_THREAD_FLAG} (set before jax starts)")
+    parser.add_argument("--one-core", action="store_true",
+                        help="pin this process to one core (before jax starts)")
     parser.add_argument("--codec-only", action="store_true",
                         help="only the codec cases, in this process's configuration")
     args = parser.parse_args()
@@ -221,9 +221,9 @@ def main() -> None:
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": "python benchmarks/codec_vad.py " + " ".join(sys.argv[1:])}
     res["codec"] = run_codec(args)
-    res["codec"]["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    if not args.single_thread and not args.codec_only:
-        res["codec_single_thread"] = _child_codec_run(args)
+    res["codec"]["cpu_affinity"] = sorted(os.sched_getaffinity(0))
+    if not args.one_core and not args.codec_only:
+        res["codec_one_core"] = _child_codec_run(args)
     if not args.no_vad and not args.codec_only:
         vad_args = argparse.Namespace(chunks=args.chunks, batch=args.vad_batch,
                                       rounds=args.rounds, calls=2 * args.calls,

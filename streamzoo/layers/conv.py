@@ -177,6 +177,10 @@ class Conv1D(StreamLayer):
         the T new ones). Returns `(y [B, T // s, out], count [B])`: row b's due outputs first.
         """
         s, look, span = self.stride, self.lookahead, self.span
+        if s == 1 and not look:
+            # Every row's due outputs are exactly its new frames, and the window ending at new
+            # frame t starts at history frame t: the whole window, no per-row gather.
+            return self._conv(window), lengths
         slots = (window.shape[1] - self.history_size) // s
         # First chunk frame t that ends a window: (seen + t + 1 - L) divisible by s, and the
         # output index (seen + t + 1 - L) / s - 1 not negative.
