@@ -5,8 +5,10 @@ Codec cases (the checked-in `streamzoo/zoo/codec/weights/codec_small.npz`, float
 16 kHz stream unless said, all 8 codebooks): a jitted `step` of the whole codec (encoder ->
 codes -> decoder) on one 20 ms frame and on an 80 ms chunk, the encoder's and the decoder's
 step alone on one frame, `pure()` params or `sz.jit_step` (module split once) instead of the
-module as an argument, ten `jit_step` calls back to back with one wait at the end (per-frame
-CPU cost, where the other cases measure a blocking call's latency), a batch of 8 streams,
+module as an argument, `jit_step` with the carry packed into one buffer per dtype
+(`sz.pack_carry`: 2 arrays cross each call instead of ~70), ten `jit_step` calls back to back
+with one wait at the end (per-frame CPU cost, where the other cases measure a blocking call's
+latency), a batch of 8 streams,
 `multistep` (a `lax.scan` of one-frame steps, K frames per call) and the offline `codec(x)` on
 the same K frames. Each figure is compared with its budget, the audio it covers: the
 real-time factor is `ms per call / ms of audio per call` (the issue's target: < 0.1 on CPU).
@@ -96,6 +98,11 @@ def codec_cases(codec, K: int, batch: int) -> tuple[dict, dict, dict]:
         "codec sz.jit_step(codec), 10 x 20 ms frames back to back, one wait": (vad_bench._stepper(
             sz.jit_step(codec), codec.init_carry(1), chunks(hop), calls_per_wait=10),
             10 * frame_ms),
+        "codec sz.jit_step(codec), packed carry, 20 ms frame": (vad_bench._stepper(
+            sz.jit_step(codec), sz.pack_carry(codec.init_carry(1)), chunks(hop)), frame_ms),
+        "codec sz.jit_step(codec), packed carry, 10 x 20 ms frames back to back, one wait": (
+            vad_bench._stepper(sz.jit_step(codec), sz.pack_carry(codec.init_carry(1)),
+                               chunks(hop), calls_per_wait=10), 10 * frame_ms),
         "codec jit(step), 80 ms chunk": (vad_bench._stepper(
             lambda c, x: step(codec, c, x), codec.init_carry(1), chunks(4 * hop)), 4 * frame_ms),
         f"codec jit(step), 20 ms frame x {batch} streams": (vad_bench._stepper(

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from streamzoo.core.packed import call_with_carry
 from streamzoo.core.seq import Seq
 
 
@@ -48,14 +49,15 @@ def unchunked(ys: Seq) -> Seq:
 
 @jax.jit
 def jitted_step(model, carry, x):
-    """`model.step` under one shared `jax.jit` (compiles once per model and chunk shape)."""
-    return model.step(carry, x)
+    """`model.step` under one shared `jax.jit` (compiles once per model and chunk shape).
+    `carry` may be a `PackedCarry` (then so is the returned one)."""
+    return call_with_carry(model.step, carry, x)
 
 
 @jax.jit
 def jitted_flush(model, carry):
-    """`model.flush` under one shared `jax.jit`."""
-    return model.flush(carry)
+    """`model.flush` under one shared `jax.jit` (`carry` may be a `PackedCarry`)."""
+    return call_with_carry(model.flush, carry)
 
 
 @jax.jit
@@ -69,9 +71,9 @@ def _bound(graphdef, treedef, method: str, donate_carry: bool):
     """One `jax.jit` per (module structure, method): models of the same structure share it,
     so its compilation cache is shared too."""
 
-    def call(leaves, *args):
+    def call(leaves, carry, *args):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
-        return getattr(model, method)(*args)
+        return call_with_carry(getattr(model, method), carry, *args)
 
     return jax.jit(call, donate_argnums=(1,) if donate_carry else ())
 
@@ -111,6 +113,9 @@ def jit_step(model, *, donate_carry: bool = False):
     every call (tens of µs, more than a small step's compute): use it in hot streaming loops.
     The parameters are read when `jit_step` is called; call it again after updating them.
     `donate_carry=True` lets XLA reuse the carry's buffers (the carry passed in is consumed).
+    `carry` may be a `PackedCarry` (`pack_carry(carry)`; the step returns the next one packed):
+    a few buffers instead of one per layer buffer cross the call, which saves a few µs per
+    carry array per call.
     """
     return _bind(model, "step", donate_carry)
 

@@ -24,7 +24,7 @@ def test_quick_run_writes_every_codec_case(tmp_path):
     assert res["command"].startswith("python benchmarks/codec_vad.py")
     for key in ("codec", "codec_one_core"):
         results = res[key]["results"]
-        assert "codec sz.jit_step(codec), 20 ms frame" in results and len(results) == 10
+        assert "codec sz.jit_step(codec), packed carry, 20 ms frame" in results and len(results) == 12
         for name, r in results.items():
             assert r["ms_per_call"] > 0 and r["real_time_factor"] > 0, name
     assert len(res["codec_one_core"]["cpu_affinity"]) == 1
