@@ -168,6 +168,8 @@ def run(args) -> dict:
                                                    model.init_carry(1), one),
         "JAX jit(pure step_fn), B=1": _stepper(lambda c, x: step_pure(params, c, x),
                                                model.init_carry(1), one),
+        "JAX sz.jit_step, packed carry, B=1": _stepper(
+            sz.jit_step(model), sz.pack_carry(model.init_carry(1)), one),
         f"JAX jit(step), B={batch}": _stepper(lambda c, x: step_arg(model, c, x),
                                               model.init_carry(batch), many),
         "onnxruntime session.run per chunk, 1 thread": _ort_stepper(sess_1t, chunk_list),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamzoo.core.drivers import jit_step
+from streamzoo.core.packed import pack_carry
 from streamzoo.core.seq import Seq
 from streamzoo.demos.audio import MissingToolError, load_wav, synthesize
 from streamzoo.demos.options import positive_int, standalone
@@ -159,7 +160,7 @@ def _stream(model, audio, chunks_per_step, config):
     size = chunks_per_step * CHUNK
     padded = np.pad(audio, (0, -audio.shape[0] % size))
     length = jnp.asarray([0])
-    carry = model.init_carry(1)
+    carry = pack_carry(model.init_carry(1))  # one buffer per dtype crosses each call
     first = Seq.from_lengths(jnp.asarray(padded[None, :size, None]), length + size)
     start = time.perf_counter()
     step = jit_step(model).compile(carry, first)
