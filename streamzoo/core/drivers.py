@@ -181,11 +181,12 @@ def carry_nbytes(carry) -> int:
 def pure(model):
     """`(graphdef, params, step_fn)` with `step_fn(params, carry, x) -> (carry, y)` pure.
 
-    For users who keep parameters as a plain pytree (optax, orbax, sharding rules).
+    For users who keep parameters as a plain pytree (optax, orbax, sharding rules). `carry`
+    may be a `PackedCarry` (then so is the returned one).
     """
     graphdef, params = nnx.split(model)
 
     def step_fn(params, carry, x):
-        return nnx.merge(graphdef, params).step(carry, x)
+        return call_with_carry(nnx.merge(graphdef, params).step, carry, x)
 
     return graphdef, params, step_fn

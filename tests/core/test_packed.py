@@ -52,12 +52,14 @@ def model():
     return sz.Serial(toy.DepthwiseCausalConv(D, rngs=nnx.Rngs(0)), toy.NextFrameMix(D, rngs=nnx.Rngs(1)))
 
 
-@pytest.mark.parametrize("driver", ["jit_step", "jit_step_donated", "jitted_step"])
+@pytest.mark.parametrize("driver", ["jit_step", "jit_step_donated", "jitted_step", "pure"])
 def test_drivers_step_a_packed_carry_like_the_carry(model, driver, key):
     x = Seq.from_lengths(jax.random.normal(key, (2, 12, D)), jnp.array([12, 7]))
+    _, params, step_fn = sz.pure(model)
     step = {"jit_step": sz.jit_step(model),
             "jit_step_donated": sz.jit_step(model, donate_carry=True),
-            "jitted_step": lambda c, x: sz.jitted_step(model, c, x)}[driver]
+            "jitted_step": lambda c, x: sz.jitted_step(model, c, x),
+            "pure": lambda c, x: jax.jit(step_fn)(params, c, x)}[driver]
     carry, packed = model.init_carry(2), sz.pack_carry(model.init_carry(2))
     for start, stop in ((0, 4), (4, 8), (8, 12)):
         piece = x.time_slice(start, stop)
