@@ -10,7 +10,8 @@ from streamzoo.core.spec import StreamSpec, compose
 from streamzoo.core.streamer import NoCarry, StreamLayer, Streamer, batch_size_of, where_rows
 
 __all__ = [
-    "NoCarry", "PackedCarry", "Repeat", "Residual", "Seq", "Serial", "StreamLayer", "StreamSpec", "Streamer",
+    "NoCarry", "PackedCarry", "Repeat", "Residual", "Seq", "Serial", "StreamLayer", "StreamSpec",
+    "Streamer",
     "batch_size_of", "carry_nbytes", "chunked", "compose", "jitted_apply", "jitted_flush",
     "jitted_step", "jit_flush", "jit_step", "multistep", "pack_carry", "pure", "reset_rows",
     "stream", "unchunked", "where_rows",

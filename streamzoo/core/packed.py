@@ -28,12 +28,6 @@ class CarryLayout(NamedTuple):
     dtypes: tuple            # the buffers' dtypes (one buffer per dtype, first-seen order)
     slots: tuple             # per leaf: (buffer index, offset, shape)
 
-    def sizes(self) -> tuple[int, ...]:
-        size = [0] * len(self.dtypes)
-        for buf, offset, shape in self.slots:
-            size[buf] = max(size[buf], offset + math.prod(shape))
-        return tuple(size)
-
 
 @struct.dataclass
 class PackedCarry:

@@ -49,7 +49,8 @@ def test_pack_unpack_round_trip_is_exact(key):
 
 @pytest.fixture(scope="module")
 def model():
-    return sz.Serial(toy.DepthwiseCausalConv(D, rngs=nnx.Rngs(0)), toy.NextFrameMix(D, rngs=nnx.Rngs(1)))
+    return sz.Serial(toy.DepthwiseCausalConv(D, rngs=nnx.Rngs(0)),
+                     toy.NextFrameMix(D, rngs=nnx.Rngs(1)))
 
 
 @pytest.mark.parametrize("driver", ["jit_step", "jit_step_donated", "jitted_step", "pure"])
