@@ -1,7 +1,7 @@
 """Codec quality on held-out voices: SI-SDR and mel distance at several bitrates.
 
     python -m streamzoo.zoo.codec.quality [--weights NPZ] [--codebooks 2 4 8]
-                                          [--utterances 64] [--json OUT]
+                                          [--utterances 64] [--asr] [--json OUT]
 
 evaluates the checked-in codec (default) on utterances of the speech corpus it was trained on,
 taken from the *test* split, whose speakers (espeak-ng accent + voice variant) never occur in
@@ -21,6 +21,11 @@ Metrics, per utterance then averaged (a row also gives the median SI-SDR):
   without a waveform loss score low even when they sound right.
 * **mel distance** (lower is better): the codec's multi-scale log-mel L1 loss
   (`losses.multi_scale_mel_loss`, windows 64..2048 samples, DAC's "mel distance").
+* **ASR error rates** (`--asr`, lower is better): an intelligibility proxy. The shipped
+  streaming ASR (`zoo.asr`, trained on clean espeak-ng speech) transcribes each system's audio
+  and the original; greedy CER and WER, and the WER of its lexicon-constrained beam search
+  (beam 8, the corpus's word list). A reconstruction that keeps the words keeps these near
+  the original audio's.
 """
 
 from __future__ import annotations
@@ -110,17 +115,36 @@ BASELINES = {
 
 
 # --------------------------------------------------------------------------- evaluation
-def held_out_utterances(meta: dict, count: int) -> tuple[list[np.ndarray], list[str]]:
-    """`count` test-split utterances (and their voices) of the corpus the codec was trained
-    on (regenerated with espeak-ng, or read from the cache)."""
+def held_out_corpus(meta: dict):
+    """The speech corpus the codec was trained on (regenerated with espeak-ng, or read from
+    the cache); its test split holds the voices never seen in training."""
     from streamzoo.train.configs import TrainConfig
-    from streamzoo.train.data.speech import read_wav
     from streamzoo.zoo.codec.training import make_corpus, model_args
 
     config = TrainConfig.from_dict(meta["train_config"])
-    corpus = make_corpus(model_args(config), config.seed)
-    records = corpus.split("test")[:count]
+    return make_corpus(model_args(config), config.seed)
+
+
+def held_out_utterances(meta: dict, count: int) -> tuple[list[np.ndarray], list[str]]:
+    """`count` test-split utterances (and their voices) of the corpus the codec was trained on."""
+    from streamzoo.train.data.speech import read_wav
+
+    records = held_out_corpus(meta).split("test")[:count]
     return [read_wav(r["path"])[0] for r in records], sorted({r["voice"] for r in records})
+
+
+def asr_scores(asr, texts: list[str], audios: list[np.ndarray], search) -> dict:
+    """Greedy CER / WER and lexicon-beam WER of `asr` (an `ASRModel`) on `audios` against the
+    reference `texts`; `search` is the lexicon-constrained `CTCPrefixBeamSearch`."""
+    from streamzoo.zoo.asr.evaluate import lexicon_texts
+    from streamzoo.zoo.asr.model import transcribe
+    from streamzoo.zoo.asr.text import char_error_rate, normalize, word_error_rate
+
+    refs = [normalize(t) for t in texts]
+    greedy = transcribe(asr, audios, multiple=64000)
+    beamed = lexicon_texts(asr, audios, asr.latencies[0], search)
+    return {"asr_cer": char_error_rate(refs, greedy), "asr_wer": word_error_rate(refs, greedy),
+            "asr_lexicon_wer": word_error_rate(refs, beamed)}
 
 
 def reconstruct(codec, utterances: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
@@ -150,30 +174,56 @@ def score(references, estimates) -> dict:
             "mel_distance": float(np.mean(mel))}
 
 
-def evaluate(codec, meta: dict, codebooks=(2, 4, 8), utterances: int = 64) -> dict:
-    refs, voices = held_out_utterances(meta, utterances)
-    rows = []
+def evaluate(codec, meta: dict, codebooks=(2, 4, 8), utterances: int = 64,
+             asr: bool = False) -> dict:
+    """The quality table's rows (baselines, then the codec at each number of codebooks); with
+    `asr`, every row and an "original audio" row also get the shipped ASR's error rates."""
+    from streamzoo.train.data.speech import read_wav
+
+    corpus = held_out_corpus(meta)
+    records = corpus.split("test")[:utterances]
+    refs = [read_wav(r["path"])[0] for r in records]
+    rows, estimates = [], []
     for name, (kwargs, bitrate) in BASELINES.items():
-        rows.append({"system": name, "bitrate": bitrate,
-                     **score(refs, [mu_law(r, **kwargs) for r in refs])})
+        est = [mu_law(r, **kwargs) for r in refs]
+        rows.append({"system": name, "bitrate": bitrate, **score(refs, est)})
+        estimates.append(est)
     for n in codebooks:
         t0 = time.perf_counter()
         est = reconstruct(codec.with_num_quantizers(n), refs)
         rows.append({"system": f"streamzoo codec, {n} codebook{'s' if n > 1 else ''}",
                      "codebooks": n, "bitrate": codec.config.bitrate(n), **score(refs, est),
                      "seconds": time.perf_counter() - t0})
+        estimates.append(est)
+    if asr:
+        from streamzoo.zoo.asr.evaluate import lexicon_search
+        from streamzoo.zoo.asr.pretrained import load_pretrained as load_asr
+
+        model = load_asr()
+        search = lexicon_search(model, corpus.config.words(), beam_size=8)
+        texts = [r["text"] for r in records]
+        rows.insert(0, {"system": "original audio", "bitrate": 256000,
+                        **score(refs, refs), **asr_scores(model, texts, refs, search)})
+        for row, est in zip(rows[1:], estimates):
+            row.update(asr_scores(model, texts, est, search))
     return {"utterances": len(refs), "seconds_of_audio": sum(len(r) for r in refs) / 16000,
-            "voices": voices, "rows": rows}
+            "voices": sorted({r["voice"] for r in records}), "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    lines = ["| system | bitrate | SI-SDR mean (median) dB | mel distance |",
-             "|---|---|---|---|"]
+    asr = all("asr_cer" in r for r in result["rows"])
+    lines = ["| system | bitrate | SI-SDR mean (median) dB | mel distance |"
+             + (" ASR CER / WER greedy | ASR WER lexicon beam |" if asr else ""),
+             "|---|---|---|---|" + ("---|---|" if asr else "")]
     for r in result["rows"]:
         rate = r["bitrate"]
         rate = f"{rate / 1000:g} kbit/s"
-        lines.append(f"| {r['system']} | {rate} | {r['si_sdr_mean']:.2f} "
-                     f"({r['si_sdr_median']:.2f}) | {r['mel_distance']:.3f} |")
+        line = (f"| {r['system']} | {rate} | {r['si_sdr_mean']:.2f} "
+                f"({r['si_sdr_median']:.2f}) | {r['mel_distance']:.3f} |")
+        if asr:
+            line += (f" {100 * r['asr_cer']:.1f}% / {100 * r['asr_wer']:.1f}% | "
+                     f"{100 * r['asr_lexicon_wer']:.1f}% |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -185,13 +235,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="numbers of codebooks to evaluate (default: 2 4 8)")
     parser.add_argument("--utterances", type=int, default=64,
                         help="held-out utterances to score (default: 64)")
+    parser.add_argument("--asr", action="store_true",
+                        help="also transcribe every system's audio with the shipped streaming "
+                             "ASR (intelligibility: CER / WER against the corpus text)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     from streamzoo.zoo.codec.pretrained import load_pretrained, read_metadata
 
     codec = load_pretrained(args.weights)
     meta = read_metadata(args.weights)
-    result = evaluate(codec, meta, args.codebooks, args.utterances)
+    result = evaluate(codec, meta, args.codebooks, args.utterances, asr=args.asr)
     result["command"] = "python -m streamzoo.zoo.codec.quality " + " ".join(
         sys.argv[1:] if argv is None else argv)
     print(f"{result['utterances']} held-out utterances ({result['seconds_of_audio']:.1f} s), "

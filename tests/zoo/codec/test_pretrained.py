@@ -101,3 +101,30 @@ def test_quality_metrics(key):
     assert si_sdr(tone, mu_law(tone, 8, 8000)) > 30 > si_sdr(tone, mu_law(tone, 4, 1000))
     with pytest.raises(ValueError, match="estimate: expected the shape of reference"):
         si_sdr(s, s[:-1])
+
+
+@pytest.mark.slow  # the ASR model's compiles: ~40 s on 2 cores
+def test_asr_intelligibility_scores_speech_above_noise():
+    """`quality.asr_scores`: the shipped ASR transcribes clean held-out speech far better than
+    the same utterances buried in noise, and `markdown` shows the ASR columns."""
+    from streamzoo.zoo.asr.evaluate import lexicon_search
+    from streamzoo.zoo.asr.pretrained import load_pretrained as load_asr
+    from streamzoo.train.data.speech import read_wav
+    from streamzoo.zoo.codec.quality import asr_scores, held_out_corpus, markdown
+
+    corpus = held_out_corpus(read_metadata())
+    records = corpus.split("test")[:4]
+    audios = [read_wav(r["path"])[0] for r in records]
+    texts = [r["text"] for r in records]
+    asr = load_asr()
+    search = lexicon_search(asr, corpus.config.words(), beam_size=4)
+    clean = asr_scores(asr, texts, audios, search)
+    rng = np.random.default_rng(0)
+    noisy = asr_scores(asr, texts, [a + rng.normal(0, 3 * a.std(), a.shape).astype(np.float32)
+                                    for a in audios], search)
+    assert clean["asr_cer"] < 0.35 and clean["asr_lexicon_wer"] < 0.5
+    assert noisy["asr_cer"] > clean["asr_cer"] + 0.2
+    row = {"system": "x", "bitrate": 1000, "si_sdr_mean": 1.0, "si_sdr_median": 1.0,
+           "mel_distance": 0.5, **clean}
+    table = markdown({"rows": [row]})
+    assert "ASR WER lexicon beam" in table and f"{100 * clean['asr_cer']:.1f}%" in table
