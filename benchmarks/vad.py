@@ -44,7 +44,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import streamzoo as sz
 
-from streamzoo.eval.machine import cpu_counters, load_average, machine_info, steal_percent  # noqa: E402
+from streamzoo.eval.machine import (cpu_counters, load_average, machine_info,  # noqa: E402
+                                     steal_percent)
 from streamzoo.zoo.vad.silero import (CHUNK, CONTEXT, SAMPLE_RATE, SileroVAD,  # noqa: E402
                                       wheel_data_dir)
 

@@ -125,24 +125,17 @@ def held_out_corpus(meta: dict):
     return make_corpus(model_args(config), config.seed)
 
 
-def held_out_utterances(meta: dict, count: int) -> tuple[list[np.ndarray], list[str]]:
-    """`count` test-split utterances (and their voices) of the corpus the codec was trained on."""
-    from streamzoo.train.data.speech import read_wav
-
-    records = held_out_corpus(meta).split("test")[:count]
-    return [read_wav(r["path"])[0] for r in records], sorted({r["voice"] for r in records})
-
-
 def asr_scores(asr, texts: list[str], audios: list[np.ndarray], search) -> dict:
-    """Greedy CER / WER and lexicon-beam WER of `asr` (an `ASRModel`) on `audios` against the
-    reference `texts`; `search` is the lexicon-constrained `CTCPrefixBeamSearch`."""
+    """Greedy CER / WER and lexicon-beam WER of `asr` (an `ASRModel`, at its own latency
+    setting) on `audios` against the reference `texts`; `search` is the lexicon-constrained
+    `CTCPrefixBeamSearch`."""
     from streamzoo.zoo.asr.evaluate import lexicon_texts
     from streamzoo.zoo.asr.model import transcribe
     from streamzoo.zoo.asr.text import char_error_rate, normalize, word_error_rate
 
     refs = [normalize(t) for t in texts]
-    greedy = transcribe(asr, audios, multiple=64000)
-    beamed = lexicon_texts(asr, audios, asr.latencies[0], search)
+    greedy = transcribe(asr, audios, asr.latency, multiple=64000)
+    beamed = lexicon_texts(asr, audios, asr.latency, search)
     return {"asr_cer": char_error_rate(refs, greedy), "asr_wer": word_error_rate(refs, greedy),
             "asr_lexicon_wer": word_error_rate(refs, beamed)}
 
